@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set up .venv/ at the repository root: torch 2.14.1 + torchvision 0.29.1, timm, oialr (editable, all extras),
+# and, when running as root on Debian, the Fashion-MNIST package. Safe to re-run: finished steps are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pip_install() {   # pip, minus the notices about local package folders that this machine's pip config prints
+    .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+        | { grep -v "is neither a file nor a directory" || true; }
+    return "${PIPESTATUS[0]}"
+}
+
+if [ ! -x .venv/bin/python ]; then
+    "${PYTHON:-python3}" -m venv .venv
+fi
+stamp=".venv/.setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+    echo "setup: installing torch, torchvision and oialr into .venv/ (a few minutes the first time)"
+    pip_install torch==2.14.1 torchvision==0.29.1
+    pip_install -e ".[vision,data,plots,dev]"
+    rm -f .venv/.setup-*
+    touch "$stamp"
+fi
+
+fmnist=/usr/share/datasets/fashion-mnist
+if [ ! -d "$fmnist" ] && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    echo "setup: installing the Debian package dataset-fashion-mnist"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } \
+        > /tmp/oialr-apt.log 2>&1; then
+        echo "setup: warning: could not install dataset-fashion-mnist (see /tmp/oialr-apt.log);" \
+             "Fashion-MNIST runs will need --data-dir" >&2
+    fi
+fi
+echo "setup: ready ($(.venv/bin/python -c 'import torch, oialr; print("torch", torch.__version__, "oialr", oialr.__version__)'))"

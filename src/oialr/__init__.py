@@ -1,0 +1,19 @@
+"""oialr: Orthogonality-Informed Adaptive Low-Rank training for PyTorch."""
+from .config import OIALRConfig
+from .controller import OIALR
+from .convert import find_layers, format_table, merge_lowrank
+from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OIALR",
+    "OIALRConfig",
+    "LowRankLayer",
+    "LowRankLinear",
+    "LowRankConv",
+    "LowRankMultiheadAttention",
+    "find_layers",
+    "format_table",
+    "merge_lowrank",
+]

@@ -1,0 +1,97 @@
+"""OIALRConfig: every knob of OIALR training, documented and validated."""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class OIALRConfig:
+    """Hyperparameters of Orthogonality-Informed Adaptive Low-Rank training.
+
+    All step counts are optimizer steps (calls of :meth:`oialr.OIALR.step`), never forward passes.
+
+    Schedule
+        warmup_steps: full-rank steps before the transition. The transition runs inside the
+            ``warmup_steps``-th call of ``step()``; ``0`` converts when the controller is built.
+        update_every: steps between two basis updates after the transition (``>= 1``).
+
+    Rank selection (at the transition and at every basis update, on singular values ``s_1 >= s_2 >= ...``)
+        cutoff: drop every ``s_i < cutoff * s_1``; in ``[0, 1)``.
+        rank_fraction: at the transition keep at most ``ceil(rank_fraction * min(m, n))`` values; in ``(0, 1]``.
+        min_rank: never cut a layer below this rank (``>= 1``; capped at the layer's full rank).
+        max_drop_fraction: remove at most ``floor(max_drop_fraction * r)`` of a layer's ``r`` values per basis update;
+            ``0.5`` is the paper's "at most half per update"; ``1.0`` (default) removes everything under the cutoff.
+
+    Which layers (``nn.Linear``, ``nn.Conv1d/2d/3d`` with ``groups=1``, ``nn.MultiheadAttention`` projections)
+        target_modules: ``None`` = every eligible layer; a list of names = layers whose qualified name equals an entry
+            or ends with ``"." + entry``; a string = a regular expression that must match the whole qualified name.
+            Attention projections are named ``<mha>.in_proj`` (or ``<mha>.q_proj``/``k_proj``/``v_proj``) and
+            ``<mha>.out_proj``.
+        exclude_modules: same forms as ``target_modules``; matching layers stay dense.
+        keep_output_layer_dense: keep the output layer dense (the rule "output layer": the last eligible layer in the
+            model's registration order, which is the classifier head of timm and torchvision models and of
+            ``nn.Sequential`` stacks). Set ``False`` to convert it too.
+        max_aspect_ratio: if set, a layer with ``max(m, n) / min(m, n) >= max_aspect_ratio`` stays dense (the paper
+            used 10). ``None`` (default) converts every shape.
+    """
+
+    warmup_steps: int = 1000
+    update_every: int = 100
+    cutoff: float = 0.1
+    rank_fraction: float = 1.0
+    min_rank: int = 1
+    max_drop_fraction: float = 1.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = field(default_factory=list)
+    keep_output_layer_dense: bool = True
+    max_aspect_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        errors = []
+
+        def check(ok: bool, message: str) -> None:
+            if not ok:
+                errors.append(message)
+
+        check(_is_int(self.warmup_steps) and self.warmup_steps >= 0,
+              f"warmup_steps must be an integer >= 0 (0 converts at construction), got {self.warmup_steps!r}")
+        check(_is_int(self.update_every) and self.update_every >= 1,
+              f"update_every must be an integer >= 1, got {self.update_every!r}")
+        check(_is_real(self.cutoff) and 0.0 <= self.cutoff < 1.0,
+              f"cutoff must be a number in [0, 1), got {self.cutoff!r}")
+        check(_is_real(self.rank_fraction) and 0.0 < self.rank_fraction <= 1.0,
+              f"rank_fraction must be a number in (0, 1], got {self.rank_fraction!r}")
+        check(_is_int(self.min_rank) and self.min_rank >= 1,
+              f"min_rank must be an integer >= 1, got {self.min_rank!r}")
+        check(_is_real(self.max_drop_fraction) and 0.0 < self.max_drop_fraction <= 1.0,
+              f"max_drop_fraction must be a number in (0, 1] (0.5 = the paper's 'at most half'), "
+              f"got {self.max_drop_fraction!r}")
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                value = list(value)
+                setattr(self, name, value)
+            ok = value is None or isinstance(value, str) or (
+                isinstance(value, list) and all(isinstance(v, str) and v for v in value))
+            check(ok, f"{name} must be None, a regular expression string or a list of non-empty module names, "
+                      f"got {value!r}")
+        check(isinstance(self.keep_output_layer_dense, bool),
+              f"keep_output_layer_dense must be True or False, got {self.keep_output_layer_dense!r}")
+        check(self.max_aspect_ratio is None or (_is_real(self.max_aspect_ratio) and self.max_aspect_ratio >= 1.0),
+              f"max_aspect_ratio must be None or a number >= 1 (the paper used 10), got {self.max_aspect_ratio!r}")
+        if errors:
+            raise ValueError("invalid OIALRConfig:\n  " + "\n  ".join(errors))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-value copy, for checkpoints and results files."""
+        return asdict(self)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

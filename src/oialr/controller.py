@@ -1,0 +1,239 @@
+"""OIALR: the training controller — full-rank warm-up, transition to ``U Σ Vᵀ``, periodic basis updates."""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import linalg, optim_state
+from .config import OIALRConfig
+from .convert import SUPPORTED, LayerInfo, convert_layer, find_layers, format_table
+from .layers import LowRankLayer
+
+STATE_VERSION = 1
+
+
+class OIALR:
+    """Orthogonality-Informed Adaptive Low-Rank training of ``model`` with ``optimizer``.
+
+    Call :meth:`step` once after every ``optimizer.step()``::
+
+        ctl = OIALR(model, optimizer, OIALRConfig(warmup_steps=1000, update_every=100, cutoff=0.1))
+        for x, y in data:
+            loss_fn(model(x), y).backward()
+            optimizer.step(); optimizer.zero_grad()
+            ctl.step()
+
+    The algorithm, for every converted weight ``W (m×n)``:
+
+    1. steps ``1 … T₀-1``: ordinary full-rank training (``T₀ = warmup_steps``);
+    2. inside step ``T₀`` (the transition): ``W = U diag(s) Vᵀ``; keep ``r`` values (``s_i >= cutoff·s_1``, at most
+       ``ceil(rank_fraction·min(m, n))``); the layer becomes ``U (m×r)``, ``Σ = diag(s_1..s_r)``, ``V (n×r)``, with
+       ``U``, ``V`` frozen and ``Σ`` (a full ``r×r`` matrix) in ``W``'s place in the optimizer;
+    3. every ``update_every`` steps after that (basis update): ``Σ = u diag(s) vᵀ``; ``U ← U u``, ``V ← V v``,
+       ``Σ ← diag(s)`` (``U Σ Vᵀ`` unchanged), then drop the trailing values ``s_i < cutoff·s_1`` with their columns.
+
+    The optimizer state of ``Σ`` is carried as described in :mod:`oialr.optim_state`. The controller is stateless
+    between steps apart from the step counter and the ranks, which :meth:`state_dict` saves.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: OIALRConfig | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.model = model
+        self.optimizer = optimizer
+        self.config = config if config is not None else OIALRConfig()
+        if not isinstance(self.config, OIALRConfig):
+            raise TypeError(f"config must be an OIALRConfig, got {type(self.config).__name__}")
+        self.layer_infos: list[LayerInfo] = find_layers(model, self.config)
+        targets = [info for info in self.layer_infos if info.convert]
+        if not targets:
+            found = "\n".join(f"  {i.name} ({i.kind} {i.shape[0]}x{i.shape[1]}): {i.reason}" for i in self.layer_infos)
+            raise ValueError(f"no layer of the model can be converted; OIALR converts {SUPPORTED}.\n"
+                             + (f"Layers found and why they stay dense:\n{found}" if found else "None was found."))
+        for info in targets:
+            weight = _dense_weight(model, info.name)
+            if optim_state.find_group(optimizer, weight) is None:
+                raise ValueError(f"the weight of layer {info.name!r} trains (requires_grad=True) but is not in the "
+                                 "optimizer; add it to the optimizer or list the layer in exclude_modules")
+        self.dense_trainable_params = _trainable_params(model)
+        self.step_count = 0
+        self.transition_step: int | None = None
+        self._warned_optimizer = False
+        if self.config.warmup_steps == 0:
+            self._transition()
+
+    # ------------------------------------------------------------------ schedule
+    @property
+    def phase(self) -> str:
+        return "full-rank" if self.transition_step is None else "low-rank"
+
+    def step(self) -> None:
+        """Advance one optimizer step; run the transition or a basis update when the schedule says so."""
+        self.step_count += 1
+        if self.transition_step is None:
+            if self.step_count >= self.config.warmup_steps:
+                self._transition()
+        elif (self.step_count - self.transition_step) % self.config.update_every == 0:
+            self._update_bases()
+
+    def lowrank_layers(self) -> dict[str, LowRankLayer]:
+        """The factored layers by qualified name (empty before the transition)."""
+        if self.transition_step is None:
+            return {}
+        return {info.name: self.model.get_submodule(info.name) for info in self.layer_infos if info.convert}
+
+    # ------------------------------------------------------------------ transition
+    @torch.no_grad()
+    def _transition(self, ranks: dict[str, int] | None = None) -> None:
+        """Factor every target weight (ranks from the config, or ``ranks`` when restoring a saved run)."""
+        self._warn_unknown_optimizer()
+        for info in self.layer_infos:
+            if not info.convert:
+                continue
+            rank = None if ranks is None else ranks[info.name]
+            weight, layer = convert_layer(self.model, info.name, rank=rank, config=self.config)
+            optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S,
+                                      layer.lowrank_U.double(), layer.lowrank_V.double())
+        self.transition_step = self.step_count
+
+    # ------------------------------------------------------------------ basis update
+    @torch.no_grad()
+    def _update_bases(self) -> None:
+        self._warn_unknown_optimizer()
+        for name, layer in self.lowrank_layers().items():
+            old_S = layer.lowrank_S
+            if not torch.isfinite(old_S).all():
+                warnings.warn(f"OIALR: Σ of layer {name!r} has non-finite entries at step {self.step_count}; "
+                              "its basis update is skipped (the factors are left as they are)", stacklevel=3)
+                continue
+            U, S, V, u, v = basis_update(layer.lowrank_U, old_S, layer.lowrank_V, self.config)
+            layer.set_factors(U, S, V)
+            optim_state.rotate(self.optimizer, old_S, layer.lowrank_S, u, v)
+
+    def _warn_unknown_optimizer(self) -> None:
+        if optim_state.optimizer_kind(self.optimizer) is None and not self._warned_optimizer:
+            self._warned_optimizer = True
+            warnings.warn(f"OIALR does not know how to carry {type(self.optimizer).__name__} state across basis "
+                          "changes; Σ gets fresh optimizer state at the transition and at every basis update "
+                          "(known: Adam, AdamW, SGD)", stacklevel=4)
+
+    # ------------------------------------------------------------------ reporting
+    def summary(self) -> dict[str, Any]:
+        """Phase, step, parameter counts and, per layer, rank and sizes (plain values)."""
+        layers = {}
+        lowrank = self.lowrank_layers()
+        for info in self.layer_infos:
+            if not info.convert:
+                continue
+            m, n = info.shape
+            r = lowrank[info.name].rank if info.name in lowrank else min(m, n)
+            layers[info.name] = {
+                "rank": r, "full_rank": min(m, n), "shape": [m, n], "dense_params": m * n,
+                "trainable_params": r * r if info.name in lowrank else m * n,
+                "stored_params": r * (m + n + r) if info.name in lowrank else m * n,
+            }
+        params = list(self.model.parameters())
+        return {
+            "phase": self.phase,
+            "step": self.step_count,
+            "transition_step": self.transition_step,
+            "trainable_params": _trainable_params(self.model),
+            "dense_trainable_params": self.dense_trainable_params,
+            "stored_params": sum(p.numel() for p in params),
+            "layers": layers,
+        }
+
+    def table(self) -> str:
+        """A readable table of every eligible layer: shape, rank, parameters, why a layer stays dense."""
+        ranks = {name: layer.rank for name, layer in self.lowrank_layers().items()}
+        return format_table(self.layer_infos, ranks)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: step counter, transition step, ranks, config (plain values only)."""
+        return {
+            "version": STATE_VERSION,
+            "step": self.step_count,
+            "transition_step": self.transition_step,
+            "ranks": {name: layer.rank for name, layer in self.lowrank_layers().items()},
+            "dense_trainable_params": self.dense_trainable_params,
+            "config": self.config.to_dict(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a saved run. Give the model and optimizer their state dicts *after* this call: it rebuilds the
+        factored layers with the saved ranks (values are overwritten by ``model.load_state_dict``) and puts each
+        ``Σ`` in the optimizer where the saved run had it."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            found = state.get("version") if isinstance(state, dict) else None
+            raise ValueError(f"not an OIALR state dict of version {STATE_VERSION} (got a {type(state).__name__} "
+                             f"with version {found!r}); pass what OIALR.state_dict() returned")
+        targets = {info.name for info in self.layer_infos if info.convert}
+        ranks = state["ranks"]
+        if state["transition_step"] is not None and set(ranks) != targets:
+            raise ValueError("the saved run converted other layers than this controller would: saved "
+                             f"{sorted(set(ranks) - targets)} not here, here {sorted(targets - set(ranks))} not saved; "
+                             "build the model and OIALRConfig as in the saved run")
+        if self.transition_step is not None and state["transition_step"] is None:
+            raise ValueError("cannot restore a full-rank (pre-transition) state into a controller that already "
+                             "converted the model; build a fresh model, optimizer and controller")
+        if state["transition_step"] is not None:
+            if self.transition_step is None:
+                self._transition(ranks)
+            else:
+                for name, layer in self.lowrank_layers().items():
+                    _resize(self.optimizer, layer, ranks[name])
+        self.step_count = state["step"]
+        self.transition_step = state["transition_step"]
+        self.dense_trainable_params = state["dense_trainable_params"]
+
+
+def basis_update(U: Tensor, S: Tensor, V: Tensor, config: OIALRConfig) -> tuple[Tensor, ...]:
+    """One basis update of ``W = U Σ Vᵀ`` (computed in float64, outside autocast).
+
+    Re-orthonormalize a drifted basis (``U = Q R`` -> ``U ← Q``, ``Σ ← R Σ``; likewise ``V``, ``Σ ← Σ Rᵀ``), then
+    ``Σ = u diag(s) vᵀ`` and keep ``k`` values (:func:`linalg.select_rank` with the current rank as the reference):
+    returns ``U u[:, :k]``, ``diag(s[:k])``, ``V v[:, :k]`` and the full ``u``, ``v`` (``r×r``, for the optimizer).
+    """
+    with torch.autocast(device_type=S.device.type, enabled=False):
+        U64, S64, V64 = U.double(), S.double(), V.double()
+        tol = max(linalg.ORTHONORMALITY_TOL, 10 * torch.finfo(U.dtype).eps)
+        if linalg.orthonormality_error(U64) > tol:
+            U64, R = linalg.orthonormalize(U64)
+            S64 = R @ S64
+        if linalg.orthonormality_error(V64) > tol:
+            V64, R = linalg.orthonormalize(V64)
+            S64 = S64 @ R.mT
+        u, s, v = linalg.svd(S64)
+        r = S.shape[0]
+        k = linalg.select_rank(s, cutoff=config.cutoff, max_rank=r, min_rank=config.min_rank,
+                               current_rank=r, max_drop_fraction=config.max_drop_fraction)
+        return U64 @ u[:, :k], torch.diag(s[:k]), V64 @ v[:, :k], u, v
+
+
+def _resize(optimizer: torch.optim.Optimizer, layer: LowRankLayer, rank: int) -> None:
+    """Give ``layer`` rank ``rank`` (placeholder values, fresh optimizer state) before values are loaded."""
+    if layer.rank == rank:
+        return
+    old_S = layer.lowrank_S
+    (m, n), ref = layer.matrix_shape, old_S
+    layer.set_factors(ref.new_zeros(m, rank), ref.new_zeros(rank, rank), ref.new_zeros(n, rank))
+    optim_state.swap_param(optimizer, old_S, layer.lowrank_S)
+
+
+def _dense_weight(model: nn.Module, name: str) -> Tensor:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if isinstance(parent, nn.MultiheadAttention):
+        return parent.out_proj.weight if child == "out_proj" else getattr(parent, f"{child}_weight")
+    return model.get_submodule(name).weight
+
+
+def _trainable_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,84 @@
+"""LowRankLayer: the shared base of the factored layers, ``W = U Σ Vᵀ`` with only ``Σ`` trainable."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def factored_is_cheaper(tokens: int, m: int, n: int, r: int) -> bool:
+    """Cost model (multiply-adds of the forward pass) choosing between the two ways to apply ``W = U Σ Vᵀ``.
+
+    factored: ``x (Σ Vᵀ)ᵀ`` then ``· Uᵀ``        = tokens·r·(n + m) + n·r²
+    dense:    rebuild ``W = (U Σ) Vᵀ``, then ``x Wᵀ`` = tokens·m·n + m·r² + m·r·n
+    ``tokens`` is the number of rows the layer is applied to (batch × sequence, or batch × output positions).
+    The backward pass costs about twice the forward on either path, so the forward decides.
+    """
+    factored = tokens * r * (n + m) + n * r * r
+    dense = tokens * m * n + m * r * r + m * r * n
+    return factored < dense
+
+
+class LowRankLayer(nn.Module):
+    """Holds the factors of one weight matrix ``W (m×n) = U Σ Vᵀ``.
+
+    ``lowrank_U (m×r)`` and ``lowrank_V (n×r)`` are frozen Parameters (``requires_grad=False``: no gradient, no
+    optimizer state); ``lowrank_S`` is ``Σ (r×r)``, a full square trainable matrix. Subclasses hold the rest of the
+    original layer (its bias Parameter object, strides, ...) and implement ``forward`` and ``to_dense``.
+    """
+
+    def __init__(self, U: Tensor, S: Tensor, V: Tensor) -> None:
+        super().__init__()
+        self._check_factors(U, S, V)
+        self.lowrank_U = nn.Parameter(U, requires_grad=False)
+        self.lowrank_S = nn.Parameter(S)
+        self.lowrank_V = nn.Parameter(V, requires_grad=False)
+
+    @staticmethod
+    def _check_factors(U: Tensor, S: Tensor, V: Tensor) -> None:
+        r = S.shape[0]
+        if U.dim() != 2 or V.dim() != 2 or S.shape != (r, r) or U.shape[1] != r or V.shape[1] != r:
+            raise ValueError(f"factors must be U (m×r), S (r×r), V (n×r) with one r; got U {tuple(U.shape)}, "
+                             f"S {tuple(S.shape)}, V {tuple(V.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return self.lowrank_S.shape[0]
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """``(m, n)`` of the weight seen as a matrix ``out × rest``."""
+        return self.lowrank_U.shape[0], self.lowrank_V.shape[0]
+
+    @property
+    def full_rank(self) -> int:
+        return min(self.matrix_shape)
+
+    def dense_matrix(self) -> Tensor:
+        """``W = (U Σ) Vᵀ`` as an ``m×n`` matrix (differentiable in ``Σ``)."""
+        return (self.lowrank_U @ self.lowrank_S) @ self.lowrank_V.mT
+
+    def use_factored(self, tokens: int) -> bool:
+        m, n = self.matrix_shape
+        return factored_is_cheaper(tokens, m, n, self.rank)
+
+    @torch.no_grad()
+    def set_factors(self, U: Tensor, S: Tensor, V: Tensor) -> None:
+        """Replace the factors. Same shapes: copied in place (Parameter objects kept). New rank: new Parameters
+        (the caller moves optimizer state from the old ``lowrank_S`` object to the new one)."""
+        self._check_factors(U, S, V)
+        if U.shape[0] != self.lowrank_U.shape[0] or V.shape[0] != self.lowrank_V.shape[0]:
+            raise ValueError(f"new factors have matrix shape {(U.shape[0], V.shape[0])}, "
+                             f"layer has {self.matrix_shape}")
+        if S.shape == self.lowrank_S.shape:
+            self.lowrank_U.copy_(U)
+            self.lowrank_S.copy_(S)
+            self.lowrank_V.copy_(V)
+            return
+        ref = self.lowrank_S
+        self.lowrank_U = nn.Parameter(U.to(ref), requires_grad=False)
+        self.lowrank_S = nn.Parameter(S.to(ref), requires_grad=ref.requires_grad)
+        self.lowrank_V = nn.Parameter(V.to(ref), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        m, n = self.matrix_shape
+        return f"matrix={m}x{n}, rank={self.rank}"

@@ -1,0 +1,82 @@
+"""LowRankConv: a Conv1d/2d/3d layer (groups = 1) whose kernel, seen as a matrix, is ``U Σ Vᵀ``."""
+from __future__ import annotations
+
+import math
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import LowRankLayer
+
+_CONV = {1: (F.conv1d, nn.Conv1d), 2: (F.conv2d, nn.Conv2d), 3: (F.conv3d, nn.Conv3d)}
+
+
+class LowRankConv(LowRankLayer):
+    """Convolution with kernel ``K (c_out, c_in, *k)`` where ``K.view(c_out, c_in·Πk) = U Σ Vᵀ``.
+
+    Factored path: a conv with the ``r`` kernels ``Σ Vᵀ`` viewed as ``(r, c_in, *k)`` (the original stride, padding,
+    dilation), then a 1×1 conv with ``U`` viewed as ``(c_out, r, 1, ...)`` plus the bias. Dense path: rebuild ``K``.
+    The cheaper path is chosen per call from the number of output positions (:func:`factored_is_cheaper`).
+    ``bias`` is the original layer's Parameter object.
+    """
+
+    def __init__(self, U: Tensor, S: Tensor, V: Tensor, bias: nn.Parameter | None, conv: nn.Conv1d) -> None:
+        super().__init__(U, S, V)
+        dims = len(conv.kernel_size)
+        if conv.groups != 1 or dims not in _CONV:
+            raise ValueError(f"LowRankConv supports Conv1d/2d/3d with groups=1, got {conv}")
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.kernel_size = conv.kernel_size
+        self.stride = conv.stride
+        self.padding = conv.padding
+        self.dilation = conv.dilation
+        self.padding_mode = conv.padding_mode
+        self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
+        self.bias = bias
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense kernel ``(c_out, c_in, *k)`` (computed; for code that reads ``.weight``)."""
+        return self.dense_matrix().view(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def _output_positions(self, x: Tensor, padding: tuple[int, ...] | str | int) -> int:
+        """Batch × output positions of the convolution of ``x`` (the ``tokens`` of the cost model)."""
+        dims = len(self.kernel_size)
+        spatial = x.shape[-dims:]
+        if padding == "same":
+            positions = math.prod(spatial)
+        else:
+            pad = (0,) * dims if padding in ("valid", 0) else padding
+            positions = math.prod((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d
+                                  in zip(spatial, self.kernel_size, self.stride, pad, self.dilation))
+        return max(math.prod(x.shape[:-dims - 1]) * positions, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = len(self.kernel_size)
+        conv, _ = _CONV[dims]
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        if self.use_factored(self._output_positions(x, padding)):
+            first = (self.lowrank_S @ self.lowrank_V.mT).view(self.rank, self.in_channels, *self.kernel_size)
+            h = conv(x, first, None, self.stride, padding, self.dilation)                        # (N, r, *out)
+            return conv(h, self.lowrank_U.view(*self.lowrank_U.shape, *(1,) * dims), self.bias)  # (N, c_out, *out)
+        return conv(x, self.weight, self.bias, self.stride, padding, self.dilation)
+
+    def to_dense(self) -> nn.Conv1d:
+        """The matching ``nn.ConvNd`` with kernel ``U Σ Vᵀ`` and this layer's bias Parameter."""
+        S = self.lowrank_S
+        _, cls = _CONV[len(self.kernel_size)]
+        layer = cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
+                    dilation=self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
+                    device=S.device, dtype=S.dtype)
+        layer.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=S.requires_grad)
+        if self.bias is not None:
+            layer.bias = self.bias
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, " \
+               f"padding={self.padding}, rank={self.rank}, bias={self.bias is not None}"

@@ -1,0 +1,54 @@
+"""LowRankLinear: a Linear layer whose weight is ``U Σ Vᵀ``."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import LowRankLayer
+
+
+class LowRankLinear(LowRankLayer):
+    """``y = x Wᵀ + b`` with ``W (out×in) = U Σ Vᵀ``; ``U (out×r)``, ``Σ (r×r)``, ``V (in×r)``.
+
+    Factored path: ``h = x V Σᵀ`` (one matmul with ``Σ Vᵀ (r×in)``), ``y = h Uᵀ + b``; dense path: rebuild ``W``.
+    The cheaper path is chosen per call from the number of rows of ``x`` (:func:`factored_is_cheaper`).
+    ``bias`` is the original layer's Parameter object, so it stays in the optimizer and keeps training.
+    """
+
+    def __init__(self, U: Tensor, S: Tensor, V: Tensor, bias: nn.Parameter | None) -> None:
+        super().__init__(U, S, V)
+        self.in_features = V.shape[0]
+        self.out_features = U.shape[0]
+        self.bias = bias
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight ``U Σ Vᵀ`` (computed; for code that reads ``.weight``)."""
+        return self.dense_matrix()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_rows(x, slice(None))
+
+    def forward_rows(self, x: Tensor, rows: slice) -> Tensor:
+        """Output features ``rows`` only: ``x (U[rows] Σ Vᵀ)ᵀ + b[rows]`` (used for attention's q/k/v slices)."""
+        U = self.lowrank_U[rows]
+        bias = None if self.bias is None else self.bias[rows]
+        tokens = x.numel() // max(x.shape[-1], 1)
+        if self.use_factored(tokens):
+            h = F.linear(x, self.lowrank_S @ self.lowrank_V.mT)     # (..., r)
+            return F.linear(h, U, bias)                             # (..., out)
+        return F.linear(x, (U @ self.lowrank_S) @ self.lowrank_V.mT, bias)
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with weight ``U Σ Vᵀ`` and this layer's bias Parameter."""
+        S = self.lowrank_S
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                          device=S.device, dtype=S.dtype)
+        layer.weight = nn.Parameter(self.dense_matrix().detach().clone(), requires_grad=S.requires_grad)
+        if self.bias is not None:
+            layer.bias = self.bias
+        return layer
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
+               f"bias={self.bias is not None}"

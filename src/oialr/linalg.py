@@ -1,0 +1,86 @@
+"""Pure tensor maths: robust SVD, rank selection, re-orthonormalization."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor
+
+# Bases whose columns drift further than this from orthonormal (max |QᵀQ - I|) are re-orthonormalized.
+ORTHONORMALITY_TOL = 1e-5
+
+
+def matrix_view(weight: Tensor) -> Tensor:
+    """View a weight of any rank as a matrix ``out × rest`` (conv ``(c_out, c_in, *k)`` -> ``c_out × c_in·Πk``)."""
+    return weight.reshape(weight.shape[0], -1)
+
+
+def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Thin SVD ``A = U diag(s) Vᵀ`` of a matrix, computed in float32 or better, outside autocast.
+
+    Returns ``U (m×k)``, ``s (k)`` descending, ``V (n×k)`` with ``k = min(m, n)``, in the computation dtype
+    (float32, or float64 for float64 input). If LAPACK/cuSOLVER fails to converge the SVD is retried in float64,
+    then through the eigendecomposition of the Gram matrix, instead of crashing.
+    """
+    work_dtype = torch.float64 if matrix.dtype == torch.float64 else torch.float32
+    a = matrix.detach().to(work_dtype)
+    with torch.autocast(device_type=a.device.type, enabled=False):
+        try:
+            u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        except torch.linalg.LinAlgError:
+            warnings.warn(f"SVD of a {tuple(a.shape)} matrix did not converge in {work_dtype}; retrying in float64",
+                          stacklevel=2)
+            try:
+                u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+            except torch.linalg.LinAlgError:
+                u, s, vh = _svd_via_gram(a.double())
+            u, s, vh = u.to(work_dtype), s.to(work_dtype), vh.to(work_dtype)
+    return u, s, vh.mT
+
+
+def _svd_via_gram(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD from ``eigh(AᵀA)`` (or ``AAᵀ``): less accurate for small singular values, but it always converges."""
+    transpose = a.shape[0] < a.shape[1]
+    if transpose:
+        a = a.mT
+    evals, evecs = torch.linalg.eigh(a.mT @ a)                      # ascending
+    evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+    s = evals.sqrt()
+    u = a @ evecs / s.clamp_min(torch.finfo(a.dtype).tiny)
+    u, _ = torch.linalg.qr(u)                                        # repair columns of tiny s
+    u = u * torch.sign(torch.sum(u * (a @ evecs), dim=0)).where(s > 0, torch.ones_like(s))
+    vh = evecs.mT
+    return (vh.mT, s, u.mT) if transpose else (u, s, vh)
+
+
+def select_rank(s: Tensor, *, cutoff: float, max_rank: int, min_rank: int = 1,
+                current_rank: int | None = None, max_drop_fraction: float = 1.0) -> int:
+    """Number of leading singular values to keep.
+
+    ``r = #{i : s_i >= cutoff · s_1}``, then clipped to ``[min_rank, max_rank]``, to at least
+    ``current_rank - floor(max_drop_fraction · current_rank)`` when ``current_rank`` is given, and to ``len(s)``.
+    ``s`` must be sorted in descending order.
+    """
+    k = s.numel()
+    if k == 0:
+        raise ValueError("select_rank needs at least one singular value, got an empty tensor")
+    keep = int((s >= cutoff * s[0]).sum()) if s[0] > 0 else 1
+    keep = min(keep, max_rank)
+    if current_rank is not None:
+        keep = max(keep, current_rank - math.floor(max_drop_fraction * current_rank))
+    return max(1, min(max(keep, min_rank), k))
+
+
+def orthonormality_error(q: Tensor) -> float:
+    """``max |QᵀQ - I|`` for a matrix with (intended) orthonormal columns."""
+    gram = q.mT.double() @ q.double()
+    return (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).abs().max().item()
+
+
+def orthonormalize(q: Tensor) -> tuple[Tensor, Tensor]:
+    """``Q = Q' R`` (thin QR, ``diag R > 0``): orthonormal ``Q'`` and the ``r×r`` factor ``R`` to fold back."""
+    q_new, r = torch.linalg.qr(q)
+    signs = torch.sign(torch.diagonal(r))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return q_new * signs, r * signs[:, None]

@@ -1,0 +1,95 @@
+"""Move ``Σ`` into and out of an optimizer's param groups; carry its state across basis changes.
+
+Known optimizers: ``torch.optim.Adam``/``AdamW`` (amsgrad included) and ``torch.optim.SGD``. Any other optimizer gets
+fresh state for ``Σ`` at the transition and at every basis update (the caller warns once).
+
+Transition (dense ``W`` -> ``U Σ Vᵀ``), per layer:
+    the weight leaves its param group and ``Σ`` takes its place (same group, same position, so the optimizer's
+    ``state_dict`` order is reproducible). Adam: ``Σ`` starts with no state, i.e. ``step = 0`` and zero moments, so
+    bias correction is exact (keeping the old step count with zeroed moments, as the published code did, makes the
+    first updates ~3x too large). SGD: the momentum buffer is projected exactly, ``b_Σ = Uᵀ b_W V``.
+
+Basis update (``Σ = u diag(s) vᵀ``; new coordinates ``Σ' = uᵀ Σ v``, gradients ``g' = uᵀ g v``), keeping ``k`` values:
+    first moment / momentum (linear in ``g``), exact:   ``m' = (uᵀ m v)[:k, :k]``
+    Adam second moment (``E[g²]`` elementwise) cannot be rotated exactly; we use the Cauchy–Schwarz upper bound
+        ``(Σ_kl u_ki g_kl v_lj)² <= (Σ_k |u_ki|)(Σ_l |v_lj|) · Σ_kl |u_ki| |v_lj| g_kl²``, i.e.
+        ``v' = (c dᵀ) ∘ (|u|ᵀ v |v|)`` with ``c = |u|.sum(0)``, ``d = |v|.sum(0)``, then ``[:k, :k]``.
+    It is exact when ``u``, ``v`` are signed permutations (the usual case: ``Σ`` stays nearly diagonal between
+    updates) and otherwise errs on the large side, so the step size can only shrink, never blow up. ``step`` is kept.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+def optimizer_kind(optimizer: torch.optim.Optimizer) -> str | None:
+    """``"adam"``, ``"sgd"`` or ``None`` for an optimizer whose state this module does not know how to carry."""
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        return "adam"
+    if isinstance(optimizer, torch.optim.SGD):
+        return "sgd"
+    return None
+
+
+def find_group(optimizer: torch.optim.Optimizer, param: Tensor) -> dict | None:
+    """The param group holding ``param`` (compared by identity), or ``None``."""
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group
+    return None
+
+
+def swap_param(optimizer: torch.optim.Optimizer, old: Tensor, new: nn.Parameter) -> dict:
+    """Put ``new`` where ``old`` is in its param group (same position); drop ``old``'s state; return old state."""
+    group = find_group(optimizer, old)
+    if group is None:
+        raise ValueError(f"parameter of shape {tuple(old.shape)} is not in the optimizer")
+    params = group["params"]
+    params[next(i for i, p in enumerate(params) if p is old)] = new
+    return optimizer.state.pop(old, {})
+
+
+@torch.no_grad()
+def enter_lowrank(optimizer: torch.optim.Optimizer, weight: Tensor, S: nn.Parameter, U: Tensor, V: Tensor) -> None:
+    """Transition: ``S`` replaces ``weight`` in the optimizer, with the state described in the module docstring."""
+    old_state = swap_param(optimizer, weight, S)
+    if optimizer_kind(optimizer) == "sgd" and old_state.get("momentum_buffer") is not None:
+        buf = old_state["momentum_buffer"].reshape(U.shape[0], V.shape[0]).to(U.dtype)
+        optimizer.state[S] = {"momentum_buffer": (U.mT @ buf @ V).to(S.dtype)}
+
+
+@torch.no_grad()
+def rotate(optimizer: torch.optim.Optimizer, old_S: Tensor, new_S: nn.Parameter, u: Tensor, v: Tensor) -> None:
+    """Basis update: move ``old_S``'s state to ``new_S`` in the rotated coordinates, truncated to ``new_S``'s rank
+    (unknown optimizers: ``new_S`` starts with fresh state).
+
+    ``u``, ``v`` (``r×r``) are the singular vectors of the old ``Σ``; ``new_S`` is ``k×k`` with ``k <= r``.
+    ``old_S`` and ``new_S`` may be the same Parameter object (rank unchanged, factors updated in place).
+    """
+    state = swap_param(optimizer, old_S, new_S) if old_S is not new_S else optimizer.state.pop(new_S, {})
+    kind = optimizer_kind(optimizer)
+    if not state or kind is None:
+        return
+    k = new_S.shape[0]
+    u, v = u.to(torch.float64), v.to(torch.float64)
+
+    def first_moment(m: Tensor) -> Tensor:
+        return (u.mT @ m.to(torch.float64) @ v)[:k, :k].to(m.dtype).contiguous()
+
+    def second_moment(sq: Tensor) -> Tensor:
+        au, av = u.abs(), v.abs()
+        bound = au.sum(0)[:, None] * av.sum(0)[None, :] * (au.mT @ sq.to(torch.float64) @ av)
+        return bound[:k, :k].to(sq.dtype).contiguous()
+
+    new_state = dict(state)
+    if kind == "sgd":
+        if state.get("momentum_buffer") is not None:
+            new_state["momentum_buffer"] = first_moment(state["momentum_buffer"])
+    else:
+        new_state["exp_avg"] = first_moment(state["exp_avg"])
+        new_state["exp_avg_sq"] = second_moment(state["exp_avg_sq"])
+        if "max_exp_avg_sq" in state:
+            new_state["max_exp_avg_sq"] = second_moment(state["max_exp_avg_sq"])
+    optimizer.state[new_S] = new_state
+

@@ -1,0 +1,112 @@
+import pytest
+import torch
+from torch import nn
+
+import oialr
+from oialr import OIALRConfig, find_layers, merge_lowrank
+from oialr.convert import convert_layer
+from models import CrossAttention, mlp, transformer
+
+
+def plan(model, **kwargs):
+    return {info.name: info for info in find_layers(model, OIALRConfig(**kwargs))}
+
+
+def test_output_layer_rule_and_override():
+    layers = plan(mlp())
+    assert [n for n, i in layers.items() if i.convert] == ["0", "2"]
+    assert layers["4"].reason == "output layer (keep_output_layer_dense)"
+    assert all(i.convert for i in plan(mlp(), keep_output_layer_dense=False).values())
+
+
+@pytest.mark.parametrize("kwargs, converted", [
+    (dict(target_modules=["2"]), ["2"]),
+    (dict(target_modules=r"[02]"), ["0", "2"]),
+    (dict(target_modules=r"\d"), ["0", "2"]),                  # the output layer rule still applies
+    (dict(exclude_modules=["0"]), ["2"]),
+    (dict(exclude_modules=r"0|2"), []),
+])
+def test_targeting(kwargs, converted):
+    assert [n for n, i in plan(mlp(), **kwargs).items() if i.convert] == converted
+
+
+def test_dotted_suffix_matching_and_attention_names():
+    layers = plan(transformer(), target_modules=["self_attn.in_proj", "linear1"])
+    assert sorted(n for n, i in layers.items() if i.convert) == [
+        "0.layers.0.linear1", "0.layers.0.self_attn.in_proj", "0.layers.1.linear1", "0.layers.1.self_attn.in_proj"]
+    assert layers["0.layers.0.self_attn.in_proj"].shape == (48, 16)
+    assert layers["0.layers.0.self_attn.out_proj"].reason == "not in target_modules"
+    assert "0.layers.0.self_attn" not in layers
+    cross = plan(CrossAttention())
+    assert cross["attn.k_proj"].shape == (16, 6) and cross["attn.out_proj"].kind == "attention"
+
+
+def test_dense_rules():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2), nn.Conv2d(8, 8, 1), nn.Linear(100, 4), nn.Linear(4, 4),
+                          nn.Linear(4, 4))
+    model[1].weight.requires_grad_(False)
+    layers = plan(model, max_aspect_ratio=10)
+    assert layers["0"].reason == "grouped conv (groups=2)"
+    assert layers["1"].reason == "frozen weight (requires_grad=False)"
+    assert layers["2"].reason.startswith("aspect ratio 25.0")
+    assert layers["3"].convert and layers["3"].shape == (4, 4)
+
+
+def test_tied_weights_stay_dense():
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.body = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 20, bias=False)
+            self.out.weight = self.emb.weight
+
+    layers = plan(LM(), keep_output_layer_dense=False)
+    assert layers["out"].reason == "weight shared with emb.weight, out.weight"
+    assert layers["body"].convert
+
+
+def test_shared_module_is_replaced_everywhere():
+    shared = nn.Linear(6, 6)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(6, 2))
+    x = torch.randn(3, 6)
+    expected = model(x)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    oialr.OIALR(model, opt, OIALRConfig(warmup_steps=0, cutoff=0.0))
+    assert model[0] is model[2] and isinstance(model[0], oialr.LowRankLinear)
+    torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_already_converted_model_is_rejected():
+    model = mlp()
+    convert_layer(model, "0", config=OIALRConfig())
+    with pytest.raises(ValueError, match="already an OIALR layer"):
+        find_layers(model, OIALRConfig())
+
+
+def test_merge_lowrank_restores_dense_types_and_function():
+    model = transformer().eval()
+    x = torch.randn(2, 5, 16)
+    oialr.OIALR(model, torch.optim.AdamW(model.parameters()), OIALRConfig(warmup_steps=0, cutoff=0.3))
+    factored = model(x)
+    merge_lowrank(model)
+    assert not any(isinstance(m, (oialr.LowRankLayer, oialr.LowRankMultiheadAttention)) for m in model.modules())
+    assert type(model[0].layers[0].self_attn) is nn.MultiheadAttention
+    torch.testing.assert_close(model(x), factored, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), factored, rtol=1e-4, atol=1e-5)   # torch's fast path on merged weights
+
+
+def test_convert_layer_rank_errors():
+    model = mlp()
+    with pytest.raises(ValueError, match=r"rank for '0' must be in \[1, 16\], got 17"):
+        convert_layer(model, "0", rank=17)
+    with pytest.raises(ValueError, match="needs either rank or config"):
+        convert_layer(model, "0")
+
+
+def test_format_table_counts():
+    model = mlp()
+    table = oialr.format_table(find_layers(model, OIALRConfig()), {"0": 4})
+    row = next(line for line in table.splitlines() if line.startswith("0 "))
+    assert "4/16" in row and "512" in row and f"{4 * (32 + 16 + 4):,}" in row

@@ -1,0 +1,120 @@
+import pytest
+import torch
+from torch import nn
+
+import oialr.layers.base as base
+from oialr import LowRankConv, LowRankLinear
+from oialr.convert import convert_layer
+
+
+@pytest.fixture(params=["factored", "dense"])
+def path(request, monkeypatch):
+    """Run a test once on each forward path by forcing the cost model's answer."""
+    monkeypatch.setattr(base, "factored_is_cheaper", lambda *a: request.param == "factored")
+    return request.param
+
+
+def _factor(model, name):
+    _, layer = convert_layer(model, name, rank=None, config=_full_rank_config())
+    return layer
+
+
+def _full_rank_config():
+    from oialr import OIALRConfig
+    return OIALRConfig(cutoff=0.0, rank_fraction=1.0)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_full_rank_equivalence(path, bias):
+    model = nn.Sequential(nn.Linear(12, 7, bias=bias))
+    x = torch.randn(5, 3, 12)
+    expected = model(x)
+    layer = _factor(model, "0")
+    assert isinstance(model[0], LowRankLinear) and layer.rank == 7
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(layer.weight, layer.to_dense().weight)
+
+
+def test_linear_gradients_only_for_sigma_and_bias(path):
+    model = nn.Sequential(nn.Linear(10, 6))
+    bias = model[0].bias
+    layer = _factor(model, "0")
+    assert layer.bias is bias
+    x = torch.randn(4, 10)
+    model(x).square().sum().backward()
+    assert layer.lowrank_U.grad is None and layer.lowrank_V.grad is None
+    assert not layer.lowrank_U.requires_grad and not layer.lowrank_V.requires_grad
+    # dL/dΣ = Uᵀ (dL/dW) V
+    w = layer.dense_matrix().detach().requires_grad_()
+    torch.nn.functional.linear(x, w, bias.detach()).square().sum().backward()
+    expected = layer.lowrank_U.T @ w.grad @ layer.lowrank_V
+    torch.testing.assert_close(layer.lowrank_S.grad, expected, atol=1e-4, rtol=1e-4)
+    assert bias.grad is not None
+
+
+def test_forward_rows_selects_output_features(path):
+    model = nn.Sequential(nn.Linear(8, 9))
+    layer = _factor(model, "0")
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(layer.forward_rows(x, slice(3, 6)), model(x)[:, 3:6])
+
+
+CONVS = [
+    nn.Conv2d(3, 8, 3, padding=1),
+    nn.Conv2d(3, 8, (3, 5), stride=2, padding=(1, 2), dilation=(1, 2), bias=False),
+    nn.Conv2d(4, 6, 3, padding="same"),
+    nn.Conv2d(4, 6, 3, padding="valid"),
+    nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"),
+    nn.Conv2d(3, 8, 3, padding=2, padding_mode="circular"),
+    nn.Conv1d(5, 7, 4, stride=2, padding=1),
+    nn.Conv3d(2, 4, 3, padding=1),
+]
+
+
+@pytest.mark.parametrize("conv", CONVS, ids=lambda c: repr(c))
+def test_conv_full_rank_equivalence(path, conv):
+    model = nn.Sequential(conv)
+    dims = len(conv.kernel_size)
+    x = torch.randn(2, conv.in_channels, *([9] * dims))
+    expected = model(x)
+    layer = _factor(model, "0")
+    assert isinstance(model[0], LowRankConv)
+    assert layer.matrix_shape == (conv.out_channels, conv.weight[0].numel())
+    out = model(x)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    dense = layer.to_dense()
+    assert type(dense) is type(conv)
+    torch.testing.assert_close(dense(x), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_truncated_conv_factored_and_dense_paths_agree(monkeypatch):
+    from oialr import OIALRConfig
+    model = nn.Sequential(nn.Conv2d(6, 10, 3, padding=1))
+    convert_layer(model, "0", config=OIALRConfig(cutoff=0.0, rank_fraction=0.3))
+    assert model[0].rank == 3                          # ceil(0.3 · min(10, 54))
+    x = torch.randn(2, 6, 7, 7)
+    monkeypatch.setattr(base, "factored_is_cheaper", lambda *a: True)
+    factored = model(x)
+    monkeypatch.setattr(base, "factored_is_cheaper", lambda *a: False)
+    torch.testing.assert_close(model(x), factored, atol=1e-5, rtol=1e-4)
+
+
+def test_cost_model_prefers_factored_only_when_cheaper():
+    assert base.factored_is_cheaper(tokens=1024, m=512, n=512, r=64)
+    assert not base.factored_is_cheaper(tokens=1024, m=512, n=512, r=400)   # r(m+n) > m·n
+    assert base.factored_is_cheaper(tokens=1, m=512, n=512, r=400)           # rebuilding W dominates
+
+
+def test_set_factors_keeps_parameter_objects_when_shape_is_unchanged():
+    model = nn.Sequential(nn.Linear(6, 5))
+    layer = _factor(model, "0")
+    S = layer.lowrank_S
+    layer.set_factors(layer.lowrank_U * 1, layer.lowrank_S * 2, layer.lowrank_V * 1)
+    assert layer.lowrank_S is S
+    layer.set_factors(layer.lowrank_U[:, :2], layer.lowrank_S[:2, :2], layer.lowrank_V[:, :2])
+    assert layer.lowrank_S is not S and layer.rank == 2 and layer.lowrank_S.requires_grad
+    with pytest.raises(ValueError, match="factors must be U"):
+        layer.set_factors(torch.zeros(5, 2), torch.zeros(3, 3), torch.zeros(6, 2))
+    with pytest.raises(ValueError, match="matrix shape"):
+        layer.set_factors(torch.zeros(4, 2), torch.zeros(2, 2), torch.zeros(6, 2))
