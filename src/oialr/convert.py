@@ -47,6 +47,8 @@ def find_layers(model: nn.Module, config: OIALRConfig) -> list[LayerInfo]:
         info = LayerInfo(name, kind, (m, n), convert=True)
         if not name:
             info.convert, info.reason = False, "the model itself (wrap it in nn.Sequential to convert it)"
+        elif _overrides_forward(module):
+            info.convert, info.reason = False, f"{type(module).__name__} overrides forward (custom layer)"
         elif isinstance(module, _CONVS) and module.groups != 1:
             info.convert, info.reason = False, f"grouped conv (groups={module.groups})"
         elif not weight.requires_grad:
@@ -86,6 +88,16 @@ def _weights(model: nn.Module):
             yield name, module, module.weight, "linear"
         elif isinstance(module, _CONVS):
             yield name, module, module.weight, "conv"
+
+
+def _overrides_forward(module: nn.Module) -> bool:
+    """True for a subclass of a supported type that computes something else (e.g. timm's weight-standardized
+    ``StdConv2d``): replacing it by a plain factored layer would silently change the model."""
+    for base in (nn.MultiheadAttention, nn.Linear, *_CONVS):
+        if isinstance(module, base):
+            methods = ("forward", "_conv_forward") if base in _CONVS else ("forward",)
+            return any(getattr(type(module), m) is not getattr(base, m) for m in methods)
+    return False
 
 
 def _matches(name: str, patterns: list[str] | str | None) -> bool:

@@ -8,14 +8,22 @@ from torch import Tensor, nn
 def factored_is_cheaper(tokens: int, m: int, n: int, r: int) -> bool:
     """Cost model (multiply-adds of the forward pass) choosing between the two ways to apply ``W = U Σ Vᵀ``.
 
-    factored: ``x (Σ Vᵀ)ᵀ`` then ``· Uᵀ``        = tokens·r·(n + m) + n·r²
-    dense:    rebuild ``W = (U Σ) Vᵀ``, then ``x Wᵀ`` = tokens·m·n + m·r² + m·r·n
+    factored: ``x (Σ Vᵀ)ᵀ`` then ``· Uᵀ``  = tokens·r·(n + m) + n·r²
+    dense:    rebuild ``W`` (:func:`rebuild`), then ``x Wᵀ``  = tokens·m·n + min(m, n)·r² + m·r·n
     ``tokens`` is the number of rows the layer is applied to (batch × sequence, or batch × output positions).
     The backward pass costs about twice the forward on either path, so the forward decides.
     """
     factored = tokens * r * (n + m) + n * r * r
-    dense = tokens * m * n + m * r * r + m * r * n
+    dense = tokens * m * n + min(m, n) * r * r + m * r * n
     return factored < dense
+
+
+def rebuild(U: Tensor, S: Tensor, V: Tensor) -> Tensor:
+    """``W = U Σ Vᵀ (m×n)``, multiplied in the cheaper order: ``U (Σ Vᵀ)`` costs ``n·r² + m·r·n``,
+    ``(U Σ) Vᵀ`` costs ``m·r² + m·r·n``."""
+    if V.shape[0] <= U.shape[0]:
+        return U @ (S @ V.mT)
+    return (U @ S) @ V.mT
 
 
 class LowRankLayer(nn.Module):
@@ -54,12 +62,13 @@ class LowRankLayer(nn.Module):
         return min(self.matrix_shape)
 
     def dense_matrix(self) -> Tensor:
-        """``W = (U Σ) Vᵀ`` as an ``m×n`` matrix (differentiable in ``Σ``)."""
-        return (self.lowrank_U @ self.lowrank_S) @ self.lowrank_V.mT
+        """``W = U Σ Vᵀ`` as an ``m×n`` matrix (differentiable in ``Σ``)."""
+        return rebuild(self.lowrank_U, self.lowrank_S, self.lowrank_V)
 
-    def use_factored(self, tokens: int) -> bool:
+    def use_factored(self, tokens: int, rows: int | None = None) -> bool:
+        """Whether the factored path is cheaper for ``tokens`` input rows (and ``rows`` of the ``m`` outputs)."""
         m, n = self.matrix_shape
-        return factored_is_cheaper(tokens, m, n, self.rank)
+        return factored_is_cheaper(tokens, m if rows is None else rows, n, self.rank)
 
     @torch.no_grad()
     def set_factors(self, U: Tensor, S: Tensor, V: Tensor) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LowRankLayer
+from .base import LowRankLayer, rebuild
 
 
 class LowRankLinear(LowRankLayer):
@@ -34,10 +34,10 @@ class LowRankLinear(LowRankLayer):
         U = self.lowrank_U[rows]
         bias = None if self.bias is None else self.bias[rows]
         tokens = x.numel() // max(x.shape[-1], 1)
-        if self.use_factored(tokens):
+        if self.use_factored(tokens, rows=U.shape[0]):
             h = F.linear(x, self.lowrank_S @ self.lowrank_V.mT)     # (..., r)
             return F.linear(h, U, bias)                             # (..., out)
-        return F.linear(x, (U @ self.lowrank_S) @ self.lowrank_V.mT, bias)
+        return F.linear(x, rebuild(U, self.lowrank_S, self.lowrank_V), bias)
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with weight ``U Σ Vᵀ`` and this layer's bias Parameter."""
