@@ -17,7 +17,7 @@ stamp=".venv/.setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-
 if [ ! -f "$stamp" ]; then
     echo "setup: installing torch, torchvision and oialr into .venv/ (a few minutes the first time)"
     pip_install torch==2.14.1 torchvision==0.29.1
-    pip_install -e ".[vision,data,plots,dev]"
+    pip_install -e ".[cli,vision,dev]"
     rm -f .venv/.setup-*
     touch "$stamp"
 fi

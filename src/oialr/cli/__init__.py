@@ -1,0 +1,1 @@
+"""Training command line: datasets, models, the training recipe, results and plots (may use the optional extras)."""

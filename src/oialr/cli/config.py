@@ -1,0 +1,189 @@
+"""TrainConfig: every setting of a training run; loaded from defaults, a YAML file and ``key=value`` overrides."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..config import OIALRConfig
+
+DATASETS = ("mnist1d", "fashion-mnist")
+MODELS = ("mlp", "cnn", "vit", "resnet18")
+METHODS = ("full-rank", "oialr")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message lists every problem found, one per line."""
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Step counts (``oialr.*``) are optimizer steps; the learning-rate warm-up is in epochs.
+
+    dataset, data_dir: ``mnist1d`` (generated) or ``fashion-mnist`` (IDX files in ``data_dir``; default: the
+        Debian package's folder). model: ``mlp``, ``cnn``, ``vit`` (images only), ``resnet18`` (images only);
+        ``model_args`` are passed to the model builder (e.g. ``{depth: 4}``). method: ``full-rank`` or ``oialr``.
+    epochs, batch_size, seed: the usual. augment: random crop + flip for images (never for MNIST-1D).
+    optimizer: ``adamw`` or ``sgd`` (with ``momentum``); lr, weight_decay; learning rate: linear warm-up over
+        ``lr_warmup_epochs``, then cosine to 0. label_smoothing; grad_clip: max gradient norm (``null`` = off).
+    threads: torch intra-op threads (``null`` = torch's default). oialr: :class:`oialr.OIALRConfig` fields.
+    """
+
+    dataset: str = "mnist1d"
+    data_dir: str | None = None
+    model: str = "cnn"
+    model_args: dict = field(default_factory=dict)
+    method: str = "oialr"
+    epochs: int = 30
+    batch_size: int = 128
+    seed: int = 0
+    augment: bool = True
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    lr_warmup_epochs: float = 2.0
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 5.0
+    threads: int | None = None
+    oialr: OIALRConfig = field(default_factory=lambda: OIALRConfig(warmup_steps=300, update_every=60, cutoff=0.1))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _errors(cfg: TrainConfig) -> list[str]:
+    errors = []
+
+    def check(ok: bool, message: str) -> None:
+        if not ok:
+            errors.append(message)
+
+    def positive_int(name: str) -> None:
+        value = getattr(cfg, name)
+        check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+              f"{name} must be an integer >= 1, got {value!r}")
+
+    def number(name: str, low: float, high: float = math.inf, allow_none: bool = False, low_open=False) -> None:
+        value = getattr(cfg, name)
+        if value is None and allow_none:
+            return
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+            and (value > low if low_open else value >= low) and value <= high
+        interval = f"{'(' if low_open else '['}{low}, {high if high != math.inf else 'inf'})"
+        check(ok, f"{name} must be a number in {interval}{' or null' if allow_none else ''}, got {value!r}")
+
+    check(cfg.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, got {cfg.dataset!r}")
+    check(cfg.model in MODELS, f"model must be one of {', '.join(MODELS)}, got {cfg.model!r}")
+    check(cfg.method in METHODS, f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    check(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
+    check(not (cfg.dataset == "mnist1d" and cfg.model in ("vit", "resnet18")),
+          f"model {cfg.model!r} needs images; use --dataset fashion-mnist or --model mlp/cnn")
+    check(cfg.data_dir is None or isinstance(cfg.data_dir, str), f"data_dir must be a path, got {cfg.data_dir!r}")
+    check(isinstance(cfg.model_args, dict), f"model_args must be a mapping, got {cfg.model_args!r}")
+    for name in ("epochs", "batch_size"):
+        positive_int(name)
+    check(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and cfg.seed >= 0,
+          f"seed must be an integer >= 0, got {cfg.seed!r}")
+    check(isinstance(cfg.augment, bool), f"augment must be true or false, got {cfg.augment!r}")
+    number("lr", 0, low_open=True)
+    number("weight_decay", 0)
+    number("momentum", 0, 1)
+    number("lr_warmup_epochs", 0)
+    number("label_smoothing", 0, 1)
+    number("grad_clip", 0, allow_none=True, low_open=True)
+    check(cfg.threads is None or (isinstance(cfg.threads, int) and cfg.threads >= 1),
+          f"threads must be an integer >= 1 or null, got {cfg.threads!r}")
+    return errors
+
+
+def build_config(file_values: dict | None = None, overrides: list[str] | None = None,
+                 **flags: Any) -> TrainConfig:
+    """Defaults, then ``file_values`` (a parsed YAML mapping), then ``flags`` (CLI options that were given), then
+    ``overrides`` (``"key=value"``, dotted keys for ``oialr.*`` and ``model_args.*``; values parsed as YAML).
+    Raises :class:`ConfigError` listing every problem at once."""
+    values: dict[str, Any] = TrainConfig().to_dict()
+    errors: list[str] = []
+    layers = [("config file", file_values or {}), ("option", {k: v for k, v in flags.items() if v is not None})]
+    parsed_overrides: dict[str, Any] = {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            errors.append(f"--set expects key=value, got {item!r}")
+            continue
+        parsed_overrides[key.strip()] = _parse_value(raw)
+    layers.append(("--set", parsed_overrides))
+    for source, mapping in layers:
+        if not isinstance(mapping, dict):
+            errors.append(f"{source} must be a mapping of settings, got {type(mapping).__name__}")
+            continue
+        for key, value in _flatten(mapping).items():
+            errors.extend(_assign(values, key, value, source))
+    oialr_values = values.pop("oialr")
+    try:
+        values["oialr"] = OIALRConfig(**oialr_values)
+    except ValueError as err:
+        errors.extend("oialr." + line.strip() for line in str(err).splitlines()[1:])
+    if not errors:
+        cfg = TrainConfig(**values)
+        errors = _errors(cfg)
+    if errors:
+        raise ConfigError("invalid training configuration:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"oialr": {"cutoff": 0.2}}`` -> ``{"oialr.cutoff": 0.2}``; ``model_args`` values stay whole."""
+    flat = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name == "oialr":
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, dict) and name == "model_args":
+            flat.update({f"model_args.{k}": v for k, v in value.items()})
+        else:
+            flat[name] = value
+    return flat
+
+
+def _assign(values: dict[str, Any], key: str, value: Any, source: str) -> list[str]:
+    head, _, rest = key.partition(".")
+    oialr_fields = {f.name for f in dataclasses.fields(OIALRConfig)}
+    if head == "oialr" and rest in oialr_fields:
+        values["oialr"][rest] = value
+    elif head == "model_args" and rest:
+        values["model_args"][rest] = value
+    elif not rest and head in values and head not in ("oialr", "model_args"):
+        values[head] = value
+    else:
+        known = sorted(k for k in values if k not in ("oialr", "model_args"))
+        return [f"unknown setting {key!r} ({source}); known: {', '.join(known)}, model_args.<name>, "
+                f"oialr.<{'|'.join(sorted(oialr_fields))}>"]
+    return []
+
+
+def _parse_value(raw: str) -> Any:
+    import yaml
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def load_yaml(path: str) -> dict:
+    """Read a YAML config file; errors name the file."""
+    import yaml
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return data

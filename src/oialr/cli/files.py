@@ -1,0 +1,58 @@
+"""Crash-safe files: write to a temporary file in the same folder, flush to disk, then rename over the target."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from typing import Any, Callable
+
+import torch
+
+
+def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Call ``write(f)`` on a temporary binary file next to ``path``, then replace ``path`` with it. A crash or an
+    interrupt at any point leaves either the old file or the new one, never a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path: str, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(path: str, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+    write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """Rows of plain values (nested values are JSON-encoded); columns are the union of keys in first-seen order."""
+    columns: dict[str, None] = {}
+    for row in rows:
+        columns.update(dict.fromkeys(row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()})
+    write_text(path, buffer.getvalue())
+
+
+def save_torch(path: str, obj: Any) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))

@@ -1,0 +1,138 @@
+"""The CLI's models: an MLP, a small 1-D/2-D CNN, a mini-ViT and a 28×28 ResNet-18 (timm; never pretrained).
+
+Every model registers its classifier head (an ``nn.Linear``) last among its Linear/Conv layers, so OIALR's rule
+"the output layer is the last eligible layer in registration order" keeps exactly the head dense.
+"""
+from __future__ import annotations
+
+import inspect
+
+from torch import Tensor, nn
+
+MODEL_NAMES = ("mlp", "cnn", "vit", "resnet18")
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module:
+    """Build model ``name`` (one of ``MODEL_NAMES``) for samples of ``input_shape`` and ``num_classes`` outputs.
+
+    ``input_shape`` is one sample without the batch: ``(C, L)`` for signals, ``(C, H, W)`` for images. ``kwargs``
+    are the chosen builder's options (``mlp``, ``cnn``, ``vit``, ``resnet18`` below); an unknown one is an error.
+    """
+    builders = {"mlp": mlp, "cnn": cnn, "vit": vit, "resnet18": resnet18}
+    if name not in builders:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    input_shape = tuple(int(d) for d in input_shape)
+    if len(input_shape) not in (2, 3) or min(input_shape) < 1:
+        raise ValueError(f"input_shape must be (C, L) or (C, H, W) with positive sizes, got {input_shape}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    builder = builders[name]
+    accepted = list(inspect.signature(builder).parameters)[2:]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ValueError(f"model {name!r} has no option(s) {', '.join(unknown)}; "
+                         f"accepted: {', '.join(accepted) or 'none'}")
+    return builder(input_shape, num_classes, **kwargs)
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int, width: int = 256, depth: int = 2) -> nn.Module:
+    """Flatten -> ``depth`` × (Linear(·, width) -> ReLU) -> Linear(width, num_classes): ``(B, *input_shape) -> (B, K)``.
+    """
+    if width < 1 or depth < 1:
+        raise ValueError(f"mlp needs width >= 1 and depth >= 1, got width={width}, depth={depth}")
+    d = 1
+    for size in input_shape:
+        d *= size
+    layers: list[nn.Module] = [nn.Flatten()]
+    for i in range(depth):
+        layers += [nn.Linear(d if i == 0 else width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+class SmallCNN(nn.Module):
+    """Conv -> (BatchNorm) -> ReLU stages, global average pooling, Linear head; 1-D or 2-D convolutions.
+
+    ``(B, C, L) -> (B, K)`` with ``spatial_dims=1``, ``(B, C, H, W) -> (B, K)`` with ``spatial_dims=2``. With the
+    default strides (1, 2, 2, 1) a 28×28 image is seen at 28, 28, 14, 7 pixels and a length-40 signal at 40, 40, 20, 10.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, *, spatial_dims: int = 2,
+                 channels: tuple[int, ...] = (32, 64, 128, 128), strides: tuple[int, ...] = (1, 2, 2, 1),
+                 kernel_size: int = 3, batch_norm: bool = True):
+        super().__init__()
+        if spatial_dims not in (1, 2):
+            raise ValueError(f"spatial_dims must be 1 or 2, got {spatial_dims}")
+        if len(channels) != len(strides) or not channels:
+            raise ValueError(f"channels and strides need the same, non-zero length, got {channels} and {strides}")
+        conv, norm = (nn.Conv1d, nn.BatchNorm1d) if spatial_dims == 1 else (nn.Conv2d, nn.BatchNorm2d)
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for c_out, stride in zip(channels, strides):
+            layers.append(conv(c_in, c_out, kernel_size, stride=stride, padding=kernel_size // 2, bias=not batch_norm))
+            layers += [norm(c_out), nn.ReLU()] if batch_norm else [nn.ReLU()]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool1d(1) if spatial_dims == 1 else nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))       # (B, C', *S) -> (B, C') -> (B, K)
+
+
+def cnn(input_shape: tuple[int, ...], num_classes: int, channels: tuple[int, ...] = (32, 64, 128, 128),
+        kernel_size: int | None = None, batch_norm: bool = True) -> nn.Module:
+    """``SmallCNN`` for signals ``(C, L)`` (Conv1d, kernel 5 by default) or images ``(C, H, W)`` (Conv2d, kernel 3)."""
+    spatial_dims = len(input_shape) - 1
+    if kernel_size is None:
+        kernel_size = 5 if spatial_dims == 1 else 3
+    strides = tuple(1 if i in (0, len(channels) - 1) else 2 for i in range(len(channels)))
+    return SmallCNN(input_shape[0], num_classes, spatial_dims=spatial_dims, channels=tuple(channels),
+                    strides=strides, kernel_size=kernel_size, batch_norm=batch_norm)
+
+
+def vit(input_shape: tuple[int, ...], num_classes: int, embed_dim: int = 192, depth: int = 6, num_heads: int = 3,
+        patch_size: int = 7, mlp_ratio: float = 4.0, qkv_bias: bool = False) -> nn.Module:
+    """Mini-ViT (timm ``VisionTransformer``) for images ``(C, H, W)``: 7×7 patches (16 tokens at 28×28) + a class
+    token, 6 blocks of width 192 with 3 heads, no qkv bias (as in the OIALR paper's mini-ViT), head on the class token.
+    """
+    _need_images("vit", input_shape)
+    _, h, w = input_shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"vit: patch_size={patch_size} must divide the image size {h}x{w}")
+    if embed_dim % num_heads:
+        raise ValueError(f"vit: embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+    VisionTransformer = _timm().models.vision_transformer.VisionTransformer
+    return VisionTransformer(img_size=(h, w), patch_size=patch_size, in_chans=input_shape[0], num_classes=num_classes,
+                             embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                             qkv_bias=qkv_bias, class_token=True, global_pool="token")
+
+
+def resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """timm ResNet-18 (random init) with a CIFAR-style stem for small images ``(C, H, W)``.
+
+    The ImageNet stem (7×7 stride-2 conv, then a stride-2 max-pool) would shrink 28×28 to 7×7 before the first
+    residual stage; it is replaced by a 3×3 stride-1 conv and no max-pool, so the stages run at 28, 14, 7 and 4 pixels.
+    """
+    _need_images("resnet18", input_shape)
+    model = _timm().create_model("resnet18", pretrained=False, in_chans=input_shape[0], num_classes=num_classes)
+    # Reassigning existing attributes keeps their registration order, so `fc` stays the last layer.
+    model.conv1 = nn.Conv2d(input_shape[0], model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def _need_images(name: str, input_shape: tuple[int, ...]) -> None:
+    if len(input_shape) != 3:
+        raise ValueError(f"{name} needs images (C, H, W), got input_shape {input_shape}; "
+                         "use mlp or cnn for 1-D signals such as mnist1d")
+
+
+def _timm():
+    try:
+        import timm
+    except ImportError as exc:
+        raise ImportError(f"the vit and resnet18 models need timm ({exc}): pip install timm "
+                          "(or pip install -e .[vision])") from None
+    import timm.models.vision_transformer  # noqa: F401  (make the submodule an attribute for the caller)
+    return timm

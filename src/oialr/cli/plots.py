@@ -1,0 +1,55 @@
+"""PNG plots of a run: learning curves, and ranks and parameter fractions over training."""
+from __future__ import annotations
+
+import os
+
+from . import files
+
+
+def plot_run(metrics: list[dict], out: str) -> list[str]:
+    """Write ``curves.png`` (loss, top-1) and ``ranks.png`` (trainable/stored fraction, rank per layer) to ``out``;
+    return their paths. Needs matplotlib."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics:
+        return []
+    epochs = [m["epoch"] for m in metrics]
+    paths = []
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax_loss.plot(epochs, [m["train_loss"] for m in metrics], label="train")
+    ax_loss.plot(epochs, [m["test_loss"] for m in metrics], label="test")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.plot(epochs, [m["train_top1"] for m in metrics], label="train")
+    ax_acc.plot(epochs, [m["test_top1"] for m in metrics], label="test")
+    ax_acc.set(xlabel="epoch", ylabel="top-1", title="accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+        ax.grid(alpha=0.3)
+    paths.append(_save(fig, os.path.join(out, "curves.png")))
+
+    fig, (ax_frac, ax_rank) = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax_frac.plot(epochs, [m["trainable_fraction"] for m in metrics], label="trainable")
+    ax_frac.plot(epochs, [m["stored_fraction"] for m in metrics], label="stored")
+    ax_frac.set(xlabel="epoch", ylabel="fraction of the dense model", title="parameters", ylim=(0, None))
+    ax_frac.legend()
+    names = list(metrics[-1].get("ranks", {}))
+    for name in names:
+        ax_rank.plot(epochs, [m["ranks"].get(name) for m in metrics], label=name)
+    ax_rank.set(xlabel="epoch", ylabel="rank", title="rank per layer")
+    if 0 < len(names) <= 12:
+        ax_rank.legend(fontsize=6)
+    for ax in (ax_frac, ax_rank):
+        ax.grid(alpha=0.3)
+    paths.append(_save(fig, os.path.join(out, "ranks.png")))
+    return paths
+
+
+def _save(fig, path: str) -> str:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+    return path

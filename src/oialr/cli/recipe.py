@@ -1,0 +1,280 @@
+"""TrainingRun: one training run (full-rank or OIALR) from setup to results, with exact, crash-safe resume."""
+from __future__ import annotations
+
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import OIALR
+from . import files
+from .config import ConfigError, TrainConfig
+from .data import Loader, load_dataset
+from .models import build_model
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def learning_rate(cfg: TrainConfig, step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up from ``lr / warmup_steps`` to ``lr`` over ``warmup_steps``, then cosine decay to 0."""
+    if step < warmup_steps:
+        return cfg.lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
+
+    def __init__(self, signum: int, step: int, path: str):
+        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint saved to {path}; "
+                         "continue with --resume")
+        self.signum = signum
+
+
+class TrainingRun:
+    """Set up data, model, optimizer and (for ``method: oialr``) the controller; train; write results to ``out``.
+
+    Files in ``out``: ``checkpoint.pt`` (every epoch and on interrupt), ``metrics.jsonl``/``metrics.csv`` (one row
+    per epoch), ``results.json`` and the plots (at the end), TensorBoard events when tensorboard is installed.
+    """
+
+    def __init__(self, cfg: TrainConfig, out: str, *, log=print):
+        self.cfg, self.out, self.log = cfg, out, log
+        self.rank, self.world_size = 0, 1
+        self.epoch = 0                 # completed epochs
+        self.batch_in_epoch = 0        # batches of the current epoch already trained (resume mid-epoch)
+        self.step = 0                  # optimizer steps
+        self.train_seconds = 0.0
+        self.metrics: list[dict] = []
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
+        torch.set_flush_denormal(True)     # denormals in Adam's moments slow CPU training up to tenfold
+        self.data = load_dataset(cfg.dataset, cfg.data_dir)
+        self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes, **cfg.model_args)
+        self.dense_params = sum(p.numel() for p in self.model.parameters())
+        if cfg.optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else:
+            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                             weight_decay=cfg.weight_decay)
+        self.controller = OIALR(self.model, self.optimizer, cfg.oialr) if cfg.method == "oialr" else None
+        images = len(self.data.input_shape) == 3
+        self.train_loader = Loader(self.data.train.x, self.data.train.y, cfg.batch_size, shuffle=True,
+                                   drop_last=True, augment=cfg.augment and images, pad_value=self.data.pad_value,
+                                   seed=cfg.seed, rank=self.rank, world_size=self.world_size)
+        self.test_loader = Loader(self.data.test.x, self.data.test.y, 1000, shuffle=False)
+        self.total_steps = cfg.epochs * len(self.train_loader)
+        self.lr_warmup_steps = round(cfg.lr_warmup_epochs * len(self.train_loader))
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "step": self.step, "train_seconds": self.train_seconds, "metrics": self.metrics,
+            "controller": None if self.controller is None else self.controller.state_dict(),
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+
+    def save_checkpoint(self) -> str:
+        path = os.path.join(self.out, CHECKPOINT)
+        files.save_torch(path, self.state_dict())
+        return path
+
+    def load_checkpoint(self, state: dict[str, Any]) -> None:
+        if self.controller is not None:           # rebuild the factored layers first, then load their values
+            self.controller.load_state_dict(state["controller"])
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
+        self.train_seconds, self.metrics = state["train_seconds"], state["metrics"]
+
+    # ------------------------------------------------------------------ training
+    def train(self) -> dict[str, Any]:
+        """Train the remaining epochs; returns the results dict (also written to ``out/results.json``)."""
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.epoch < self.cfg.epochs:
+                self._train_epoch()
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                self._end_of_epoch()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return self.results()
+
+    def _request_stop(self, signum, frame) -> None:
+        if self._stop_signal is not None:          # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        self.log(f"{signal.Signals(signum).name} received: saving a checkpoint after this step "
+                 "(press Ctrl-C again to abort without saving)")
+
+    def _train_epoch(self) -> None:
+        self.model.train()
+        self.train_loader.set_epoch(self.epoch)
+        self._sums = {"loss": 0.0, "correct": 0, "seen": 0}
+        start = time.perf_counter()
+        for i, (x, y) in enumerate(self._progress(self.train_loader)):
+            if i < self.batch_in_epoch:            # resumed mid-epoch: these batches were already trained
+                continue
+            self._train_step(x, y)
+            self.batch_in_epoch = i + 1
+            if self._stop_signal is not None:
+                self.train_seconds += time.perf_counter() - start
+                raise Interrupted(self._stop_signal, self.step, self.save_checkpoint())
+        self.train_seconds += time.perf_counter() - start
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        lr = learning_rate(self.cfg, self.step, self.total_steps, self.lr_warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(x)
+        loss = self.loss_fn(logits, y)
+        loss.backward()
+        if self.cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        if self.controller is not None:
+            self.controller.step()
+        self.step += 1
+        self._sums["loss"] += loss.item() * len(y)
+        self._sums["correct"] += (logits.argmax(1) == y).sum().item()
+        self._sums["seen"] += len(y)
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Test loss (plain cross-entropy) and top-1 accuracy; advances no schedule."""
+        self.model.eval()
+        loss, correct = 0.0, 0
+        for x, y in self.test_loader:
+            logits = self.model(x)
+            loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+        self.model.train()
+        n = self.test_loader.num_samples
+        return loss / n, correct / n
+
+    def _end_of_epoch(self) -> None:
+        test_loss, top1 = self.evaluate()
+        seen = max(self._sums["seen"], 1)
+        row = {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+               "train_loss": self._sums["loss"] / seen, "train_top1": self._sums["correct"] / seen,
+               "test_loss": test_loss, "test_top1": top1, "train_seconds": self.train_seconds,
+               **self._param_stats()}
+        self.metrics.append(row)
+        files.write_jsonl(os.path.join(self.out, "metrics.jsonl"), self.metrics)
+        files.write_csv(os.path.join(self.out, "metrics.csv"), [
+            {k: v for k, v in r.items() if k != "ranks"} for r in self.metrics])
+        self._tensorboard(row)
+        self.save_checkpoint()
+        self.log(f"epoch {self.epoch:3d}/{self.cfg.epochs}  loss {row['train_loss']:.4f}  test top1 {top1:.4f}  "
+                 f"trainable {row['trainable_fraction']:.1%}  phase {row['phase']}  {self.train_seconds:.0f}s")
+
+    def _param_stats(self) -> dict[str, Any]:
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        stored = sum(p.numel() for p in self.model.parameters())
+        summary = self.controller.summary() if self.controller is not None else None
+        return {
+            "phase": summary["phase"] if summary else "full-rank",
+            "trainable_params": trainable, "stored_params": stored,
+            "trainable_fraction": trainable / self.dense_params, "stored_fraction": stored / self.dense_params,
+            "ranks": {n: layer["rank"] for n, layer in summary["layers"].items()} if summary else {},
+        }
+
+    def _progress(self, loader):
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            return loader
+        return tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, disable=None,
+                    initial=0, dynamic_ncols=True)
+
+    def _tensorboard(self, row: dict) -> None:
+        if not hasattr(self, "_writer"):
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._writer = SummaryWriter(os.path.join(self.out, "tensorboard"), purge_step=self.epoch)
+            except ImportError:
+                self._writer = None
+        if self._writer is not None:
+            for key in ("train_loss", "train_top1", "test_loss", "test_top1", "lr", "trainable_fraction"):
+                self._writer.add_scalar(key, row[key], row["epoch"])
+            self._writer.flush()
+
+    # ------------------------------------------------------------------ results
+    def results(self) -> dict[str, Any]:
+        final = self.metrics[-1] if self.metrics else {}
+        summary = self.controller.summary() if self.controller is not None else None
+        results = {
+            "top1": final.get("test_top1"),
+            "best_top1": max((m["test_top1"] for m in self.metrics), default=None),
+            "method": self.cfg.method, "dataset": self.cfg.dataset, "model": self.cfg.model,
+            "epochs": self.epoch, "steps": self.step,
+            "trainable_params": final.get("trainable_params"), "dense_params": self.dense_params,
+            "stored_params": final.get("stored_params"),
+            "train_seconds": self.train_seconds,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "world_size": self.world_size,
+            "transition_step": summary["transition_step"] if summary else None,
+            "layers": summary["layers"] if summary else {},
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "config": self.cfg.to_dict(),
+        }
+        files.write_json(os.path.join(self.out, "results.json"), results)
+        try:
+            from .plots import plot_run
+            plot_run(self.metrics, self.out)
+        except ImportError as err:
+            self.log(f"plots skipped ({err}); pip install matplotlib")
+        return results
+
+
+def start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, *, log=print) -> TrainingRun:
+    """A ready :class:`TrainingRun`: new (``out`` must not hold one) or restored from ``out/checkpoint.pt``.
+
+    On resume the saved config is used; ``cfg`` (when given) must equal it."""
+    path = os.path.join(out, CHECKPOINT)
+    if not resume:
+        if os.path.exists(path):
+            raise ConfigError(f"{out} already holds a run ({path}); pass --resume to continue it or choose "
+                              "another --out")
+        run = TrainingRun(cfg, out, log=log)
+        run.setup()
+        return run
+    if not os.path.exists(path):
+        raise ConfigError(f"nothing to resume: {path} does not exist; start the run without --resume")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    from .config import build_config
+    saved = build_config(state["config"])
+    if cfg is not None and cfg != saved:
+        diffs = [f"{k}: saved {v!r}, given {cfg.to_dict()[k]!r}" for k, v in saved.to_dict().items()
+                 if cfg.to_dict()[k] != v]
+        raise ConfigError("--resume continues the saved run; its settings differ from the ones given:\n  "
+                          + "\n  ".join(diffs))
+    run = TrainingRun(saved, out, log=log)
+    run.setup()
+    run.load_checkpoint(state)
+    log(f"resumed {out} at epoch {run.epoch}, step {run.step}")
+    return run
+
+
+def exit_code(err: Interrupted) -> int:
+    return 128 + err.signum if sys.platform != "win32" else 1

@@ -1,0 +1,132 @@
+"""The training CLI end to end on tiny MNIST-1D runs: results, files, exact resume, interrupts, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from oialr.cli import recipe
+from oialr.cli.config import ConfigError, build_config
+from oialr.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """An MNIST-1D cache folder shared by the tests (generation takes ~2 s)."""
+    return str(tmp_path_factory.mktemp("mnist1d"))
+
+
+def tiny(data_dir, **extra):
+    overrides = {"dataset": "mnist1d", "data_dir": data_dir, "model": "mlp", "model_args": {"width": 32},
+                 "epochs": 3, "batch_size": 256, "threads": 1,
+                 "oialr": {"warmup_steps": 20, "update_every": 7, "cutoff": 0.2}}
+    overrides.update(extra)
+    return build_config(overrides)
+
+
+def test_run_writes_results_and_files(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    run = recipe.start_or_resume(tiny(data_dir), out, resume=False, log=lambda *a: None)
+    results = run.train()
+    for name in ("results.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "curves.png", "ranks.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert saved == json.loads(json.dumps(results))
+    assert 0.0 <= saved["top1"] <= 1.0 and saved["best_top1"] >= saved["top1"]
+    assert saved["method"] == "oialr" and saved["world_size"] == 1 and saved["steps"] == 3 * 15
+    assert saved["trainable_params"] < saved["dense_params"]
+    assert saved["transition_step"] == 20
+    assert set(saved["layers"]) == {"1", "3"} and saved["config"]["oialr"]["cutoff"] == 0.2
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert rows[0]["phase"] == "full-rank" and rows[-1]["phase"] == "low-rank"
+
+
+def test_full_rank_method_has_no_controller(data_dir, tmp_path):
+    run = recipe.start_or_resume(tiny(data_dir, method="full-rank", epochs=1), str(tmp_path / "fr"), False,
+                                 log=lambda *a: None)
+    results = run.train()
+    assert run.controller is None and results["trainable_params"] == results["dense_params"]
+
+
+def _interrupt_after(monkeypatch, steps):
+    real = recipe.TrainingRun._train_step
+
+    def step(self, x, y):
+        real(self, x, y)
+        if self.step == steps:
+            self._stop_signal = signal.SIGTERM
+
+    monkeypatch.setattr(recipe.TrainingRun, "_train_step", step)
+
+
+def test_interrupt_then_resume_is_exact(data_dir, tmp_path, monkeypatch):
+    cfg = tiny(data_dir)
+    straight = recipe.start_or_resume(cfg, str(tmp_path / "a"), False, log=lambda *a: None)
+    expected = straight.train()
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 26)                     # mid-epoch 2, after the transition and a rank update
+        run = recipe.start_or_resume(cfg, str(tmp_path / "b"), False, log=lambda *a: None)
+        with pytest.raises(recipe.Interrupted, match="at step 26"):
+            run.train()
+    resumed = recipe.start_or_resume(None, str(tmp_path / "b"), True, log=lambda *a: None)
+    assert resumed.step == 26 and resumed.batch_in_epoch == 11
+    got = resumed.train()
+    assert got["top1"] == expected["top1"] and got["layers"] == expected["layers"]
+    for (k1, v1), (k2, v2) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2), k1
+
+
+def test_resume_refuses_other_settings_and_fresh_run_refuses_existing(data_dir, tmp_path):
+    out = str(tmp_path / "c")
+    recipe.start_or_resume(tiny(data_dir, epochs=1), out, False, log=lambda *a: None).train()
+    with pytest.raises(ConfigError, match="already holds a run"):
+        recipe.start_or_resume(tiny(data_dir, epochs=1), out, False)
+    with pytest.raises(ConfigError, match="epochs: saved 1, given 2"):
+        recipe.start_or_resume(tiny(data_dir, epochs=2), out, True)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        recipe.start_or_resume(None, str(tmp_path / "none"), True)
+
+
+def test_missing_dataset_is_one_line_without_traceback(tmp_path, capsys):
+    code = main(["train", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "nope"), "--model", "mlp",
+                 "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.count("\n") == 1 and str(tmp_path / "nope") in err and "dataset-fashion-mnist" in err
+
+
+def test_bad_settings_exit_2(tmp_path, capsys):
+    assert main(["train", "--set", "oialr.cutoff=5", "--out", str(tmp_path / "r")]) == 2
+    assert "oialr.cutoff must be a number in [0, 1)" in capsys.readouterr().err
+
+
+def test_compare_table(data_dir, tmp_path, capsys):
+    out = str(tmp_path / "cmp")
+    recipe.start_or_resume(tiny(data_dir, epochs=1), out, False, log=lambda *a: None).train()
+    assert main(["compare", out, out]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("| run | method | model | top1") and len(lines) == 4
+    assert main(["compare", str(tmp_path / "missing")]) == 2
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
+    out = str(tmp_path / "sig")
+    cmd = [sys.executable, "-m", "oialr", "train", "--dataset", "mnist1d", "--data-dir", data_dir, "--model", "mlp",
+           "--epochs", "400", "--batch-size", "256", "--out", out, "--set", "threads=1",
+           "--set", "model_args.width=16"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
+    deadline = time.time() + 60
+    while not os.path.exists(metrics) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "checkpoint saved" in err and "--resume" in err
+    state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert 0 < state["step"] < 400 * 15
