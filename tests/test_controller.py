@@ -382,3 +382,57 @@ def test_summary_and_table():
     assert table[0].split()[:4] == ["layer", "kind", "shape", "rank"]
     assert any(line.startswith("4 ") and "output layer" in line for line in table)
     assert any(line.startswith("0 ") and "8/16" in line for line in table)
+
+
+# ---------------------------------------------------------------------------------------- automatic transition
+def _auto_run(steps, state=None, stop_at=None, **auto):
+    torch.manual_seed(2)
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctl = OIALR(model, opt, OIALRConfig(warmup_steps="auto", stability_every=5, update_every=4, **auto))
+    start = 0
+    if state is not None:
+        ctl.load_state_dict(state["ctl"])
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = ctl.step_count
+    train(model, opt, ctl, batches((16, 16), 4, steps, seed=5)[start:stop_at])
+    return model, ctl, {"ctl": ctl.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}
+
+
+def test_auto_transition_fires_on_a_plateau_at_a_sample():
+    _, ctl, _ = _auto_run(30, auto_threshold=-0.99, auto_window=2, auto_epsilon=2.0, auto_min_steps=12)
+    assert ctl.transition_step == 15                       # samples at 5, 10 (first comparison), 15 >= min_steps
+    assert ctl.transition_reason.startswith("network stability") and "at step 15" in ctl.transition_reason
+    assert ctl.summary()["transition_reason"] == ctl.transition_reason
+    assert ctl.tracker is None
+
+
+def test_auto_transition_falls_back_to_max_steps():
+    _, ctl, _ = _auto_run(30, auto_threshold=1.0, auto_epsilon=0.0, auto_min_steps=0, auto_max_steps=20)
+    assert ctl.transition_step == 20 and ctl.transition_reason.startswith("max_steps reached")
+
+
+def test_auto_transition_resumes_exactly():
+    knobs = dict(auto_threshold=-0.99, auto_window=3, auto_epsilon=2.0, auto_min_steps=0)
+    full, ctl_full, _ = _auto_run(30, **knobs)
+    _, ctl_half, saved = _auto_run(30, stop_at=12, **knobs)
+    assert ctl_half.phase == "full-rank" and saved["ctl"]["tracker"] is not None
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    resumed, ctl_resumed, _ = _auto_run(30, state=torch.load(buffer, weights_only=True), **knobs)
+    assert ctl_resumed.transition_step == ctl_full.transition_step == 20   # samples 10, 15, 20 fill the window
+    assert all(torch.equal(p, q) for p, q in zip(full.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_fixed_warmup_reason_and_auto_mismatch_error():
+    model = mlp()
+    ctl = OIALR(model, torch.optim.SGD(model.parameters(), lr=0.1), OIALRConfig(warmup_steps=2))
+    ctl.step()
+    ctl.step()
+    assert ctl.transition_reason == "warmup_steps=2 reached"
+    other = mlp()
+    auto = OIALR(other, torch.optim.SGD(other.parameters(), lr=0.1), OIALRConfig(warmup_steps="auto"))
+    with pytest.raises(ValueError, match="disagree on warmup_steps='auto'"):
+        auto.load_state_dict(ctl.state_dict())

@@ -3,6 +3,7 @@ from .config import OIALRConfig
 from .controller import OIALR
 from .convert import find_layers, format_table, merge_lowrank
 from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention
+from .stability import PlateauRule, StabilityTracker, basis_stability
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,7 @@ __all__ = [
     "find_layers",
     "format_table",
     "merge_lowrank",
+    "basis_stability",
+    "StabilityTracker",
+    "PlateauRule",
 ]

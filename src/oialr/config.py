@@ -1,9 +1,11 @@
 """OIALRConfig: every knob of OIALR training, documented and validated."""
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from ._checks import is_int, is_real
+from .stability_rule import PlateauRule
 
 
 @dataclass
@@ -14,8 +16,17 @@ class OIALRConfig:
 
     Schedule
         warmup_steps: full-rank steps before the transition. The transition runs inside the
-            ``warmup_steps``-th call of ``step()``; ``0`` converts when the controller is built.
+            ``warmup_steps``-th call of ``step()``; ``0`` converts when the controller is built. ``"auto"``: measure
+            the network's basis stability every ``stability_every`` steps and switch once it has plateaued
+            (:class:`oialr.PlateauRule` with the ``auto_*`` knobs below).
         update_every: steps between two basis updates after the transition (``>= 1``).
+
+    Automatic transition (``warmup_steps="auto"`` only)
+        stability_every: steps between two stability samples of the layers to convert (``>= 1``).
+        auto_threshold, auto_window, auto_epsilon: switch at the first sample where network stability
+            ``>= auto_threshold`` and its max − min over the last ``auto_window`` samples ``<= auto_epsilon``...
+        auto_min_steps: ...but not before this step...
+        auto_max_steps: ...and at this step at the latest (``None``: no limit).
 
     Rank selection (at the transition and at every basis update, on singular values ``s_1 >= s_2 >= ...``)
         cutoff: drop every ``s_i < cutoff * s_1``; in ``[0, 1)``.
@@ -37,7 +48,7 @@ class OIALRConfig:
             used 10). ``None`` (default) converts every shape.
     """
 
-    warmup_steps: int = 1000
+    warmup_steps: int | str = 1000
     update_every: int = 100
     cutoff: float = 0.1
     rank_fraction: float = 1.0
@@ -47,6 +58,12 @@ class OIALRConfig:
     exclude_modules: list[str] | str | None = field(default_factory=list)
     keep_output_layer_dense: bool = True
     max_aspect_ratio: float | None = None
+    stability_every: int = 50
+    auto_threshold: float = 0.99
+    auto_window: int = 4
+    auto_epsilon: float = 0.002
+    auto_min_steps: int = 200
+    auto_max_steps: int | None = None
 
     def __post_init__(self) -> None:
         errors = []
@@ -55,17 +72,18 @@ class OIALRConfig:
             if not ok:
                 errors.append(message)
 
-        check(_is_int(self.warmup_steps) and self.warmup_steps >= 0,
-              f"warmup_steps must be an integer >= 0 (0 converts at construction), got {self.warmup_steps!r}")
-        check(_is_int(self.update_every) and self.update_every >= 1,
+        check((is_int(self.warmup_steps) and self.warmup_steps >= 0) or self.warmup_steps == "auto",
+              f"warmup_steps must be an integer >= 0 (0 converts at construction) or \"auto\", "
+              f"got {self.warmup_steps!r}")
+        check(is_int(self.update_every) and self.update_every >= 1,
               f"update_every must be an integer >= 1, got {self.update_every!r}")
-        check(_is_real(self.cutoff) and 0.0 <= self.cutoff < 1.0,
+        check(is_real(self.cutoff) and 0.0 <= self.cutoff < 1.0,
               f"cutoff must be a number in [0, 1), got {self.cutoff!r}")
-        check(_is_real(self.rank_fraction) and 0.0 < self.rank_fraction <= 1.0,
+        check(is_real(self.rank_fraction) and 0.0 < self.rank_fraction <= 1.0,
               f"rank_fraction must be a number in (0, 1], got {self.rank_fraction!r}")
-        check(_is_int(self.min_rank) and self.min_rank >= 1,
+        check(is_int(self.min_rank) and self.min_rank >= 1,
               f"min_rank must be an integer >= 1, got {self.min_rank!r}")
-        check(_is_real(self.max_drop_fraction) and 0.0 < self.max_drop_fraction <= 1.0,
+        check(is_real(self.max_drop_fraction) and 0.0 < self.max_drop_fraction <= 1.0,
               f"max_drop_fraction must be a number in (0, 1] (0.5 = the paper's 'at most half'), "
               f"got {self.max_drop_fraction!r}")
         for name in ("target_modules", "exclude_modules"):
@@ -79,19 +97,23 @@ class OIALRConfig:
                       f"got {value!r}")
         check(isinstance(self.keep_output_layer_dense, bool),
               f"keep_output_layer_dense must be True or False, got {self.keep_output_layer_dense!r}")
-        check(self.max_aspect_ratio is None or (_is_real(self.max_aspect_ratio) and self.max_aspect_ratio >= 1.0),
+        check(self.max_aspect_ratio is None or (is_real(self.max_aspect_ratio) and self.max_aspect_ratio >= 1.0),
               f"max_aspect_ratio must be None or a number >= 1 (the paper used 10), got {self.max_aspect_ratio!r}")
+        check(is_int(self.stability_every) and self.stability_every >= 1,
+              f"stability_every must be an integer >= 1, got {self.stability_every!r}")
+        try:
+            self.auto_rule()
+        except ValueError as err:                       # the rule names its knobs without the auto_ prefix
+            errors.extend("auto_" + line.strip() for line in str(err).splitlines()[1:])
         if errors:
             raise ValueError("invalid OIALRConfig:\n  " + "\n  ".join(errors))
+
+    def auto_rule(self) -> PlateauRule:
+        """The automatic-transition rule these settings describe."""
+        return PlateauRule(threshold=self.auto_threshold, window=self.auto_window, epsilon=self.auto_epsilon,
+                           min_steps=self.auto_min_steps, max_steps=self.auto_max_steps)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-value copy, for checkpoints and results files."""
         return asdict(self)
 
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -11,6 +11,7 @@ from . import linalg, optim_state
 from .config import OIALRConfig
 from .convert import SUPPORTED, LayerInfo, convert_layer, find_layers, format_table
 from .layers import LowRankLayer
+from .stability import PlateauRule, StabilityTracker
 
 STATE_VERSION = 1
 
@@ -28,7 +29,8 @@ class OIALR:
 
     The algorithm, for every converted weight ``W (m×n)``:
 
-    1. steps ``1 … T₀-1``: ordinary full-rank training (``T₀ = warmup_steps``);
+    1. steps ``1 … T₀-1``: ordinary full-rank training (``T₀ = warmup_steps``; with ``warmup_steps="auto"``, ``T₀``
+       is the first stability sample at which :class:`oialr.PlateauRule` fires);
     2. inside step ``T₀`` (the transition): ``W = U diag(s) Vᵀ``; keep ``r`` values (``s_i >= cutoff·s_1``, at most
        ``ceil(rank_fraction·min(m, n))``); the layer becomes ``U (m×r)``, ``Σ = diag(s_1..s_r)``, ``V (n×r)``, with
        ``U``, ``V`` frozen and ``Σ`` (a full ``r×r`` matrix) in ``W``'s place in the optimizer;
@@ -63,9 +65,16 @@ class OIALR:
         self.dense_trainable_params = _trainable_params(model)
         self.step_count = 0
         self.transition_step: int | None = None
+        self.transition_reason: str | None = None
         self._warned_optimizer = False
-        if self.config.warmup_steps == 0:
-            self._transition()
+        self.tracker: StabilityTracker | None = None    # measures the targets until an automatic transition
+        self.rule: PlateauRule | None = None
+        if self.config.warmup_steps == "auto":
+            self.tracker = StabilityTracker(model, every=self.config.stability_every, cutoff=self.config.cutoff,
+                                            layers=[info.name for info in targets])
+            self.rule = self.config.auto_rule()
+        elif self.config.warmup_steps == 0:
+            self._transition("warmup_steps=0: converted when the controller was built")
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -76,10 +85,21 @@ class OIALR:
         """Advance one optimizer step; run the transition or a basis update when the schedule says so."""
         self.step_count += 1
         if self.transition_step is None:
-            if self.step_count >= self.config.warmup_steps:
-                self._transition()
+            reason = self._warmup_over()
+            if reason:
+                self._transition(reason)
         elif (self.step_count - self.transition_step) % self.config.update_every == 0:
             self._update_bases()
+
+    def _warmup_over(self) -> str | None:
+        """Why the full-rank phase ends at this step, or None if it goes on."""
+        if self.rule is None:
+            return f"warmup_steps={self.config.warmup_steps} reached" \
+                if self.step_count >= self.config.warmup_steps else None
+        record = self.tracker.step()
+        if record is not None and self.rule.update(self.step_count, record["network_stability"]):
+            return self.rule.reason
+        return None
 
     def lowrank_layers(self) -> dict[str, LowRankLayer]:
         """The factored layers by qualified name (empty before the transition)."""
@@ -89,7 +109,7 @@ class OIALR:
 
     # ------------------------------------------------------------------ transition
     @torch.no_grad()
-    def _transition(self, ranks: dict[str, int] | None = None) -> None:
+    def _transition(self, reason: str, ranks: dict[str, int] | None = None) -> None:
         """Factor every target weight (ranks from the config, or ``ranks`` when restoring a saved run)."""
         self._warn_unknown_optimizer()
         for info in self.layer_infos:
@@ -100,6 +120,8 @@ class OIALR:
             optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S,
                                       layer.lowrank_U.double(), layer.lowrank_V.double())
         self.transition_step = self.step_count
+        self.transition_reason = reason
+        self.tracker = None                             # its snapshots are no longer needed
 
     # ------------------------------------------------------------------ basis update
     @torch.no_grad()
@@ -142,6 +164,7 @@ class OIALR:
             "phase": self.phase,
             "step": self.step_count,
             "transition_step": self.transition_step,
+            "transition_reason": self.transition_reason,
             "trainable_params": _trainable_params(self.model),
             "dense_trainable_params": self.dense_trainable_params,
             "stored_params": sum(p.numel() for p in params),
@@ -160,7 +183,10 @@ class OIALR:
             "version": STATE_VERSION,
             "step": self.step_count,
             "transition_step": self.transition_step,
+            "transition_reason": self.transition_reason,
             "ranks": {name: layer.rank for name, layer in self.lowrank_layers().items()},
+            "tracker": None if self.tracker is None else self.tracker.state_dict(),
+            "rule": None if self.rule is None else self.rule.state_dict(),
             "dense_trainable_params": self.dense_trainable_params,
             "config": self.config.to_dict(),
         }
@@ -185,12 +211,20 @@ class OIALR:
                              "converted the model; build a fresh model, optimizer and controller")
         if state["transition_step"] is not None:
             if self.transition_step is None:
-                self._transition(ranks)
+                self._transition(state["transition_reason"], ranks)
             else:
                 for name, layer in self.lowrank_layers().items():
                     _resize(self.optimizer, layer, ranks[name])
+        if (state["rule"] is None) != (self.rule is None):
+            raise ValueError("the saved run and this controller disagree on warmup_steps='auto'; build the "
+                             "OIALRConfig as in the saved run")
+        if self.rule is not None:
+            self.rule.load_state_dict(state["rule"])
+        if self.tracker is not None and state["tracker"] is not None:
+            self.tracker.load_state_dict(state["tracker"])
         self.step_count = state["step"]
         self.transition_step = state["transition_step"]
+        self.transition_reason = state["transition_reason"]
         self.dense_trainable_params = state["dense_trainable_params"]
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import linalg
 from .config import OIALRConfig
@@ -41,8 +42,12 @@ def find_layers(model: nn.Module, config: OIALRConfig) -> list[LayerInfo]:
     for name, module in model.named_modules():            # each module once: a shared module is no tie
         for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
             owners.setdefault(id(p), []).append(f"{name}.{pname}" if name else pname)
+    for name, module in model.named_modules():
+        if isinstance(module, (LowRankLayer, LowRankMultiheadAttention)):
+            raise ValueError(f"module {name!r} is already an OIALR layer ({type(module).__name__}); build the "
+                             "controller on the dense model and restore a run with OIALR.load_state_dict")
     layers = []
-    for name, module, weight, kind in _weights(model):
+    for name, module, weight, kind in weight_layers(model):
         m, n = linalg.matrix_view(weight).shape
         info = LayerInfo(name, kind, (m, n), convert=True)
         if not name:
@@ -67,9 +72,14 @@ def find_layers(model: nn.Module, config: OIALRConfig) -> list[LayerInfo]:
     return layers
 
 
-def _weights(model: nn.Module):
-    """Yield ``(name, module, weight, kind)`` for each weight of a supported type, in registration order."""
+def weight_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, Tensor, str]]:
+    """Every weight matrix of a supported layer type, dense or factored, in registration order, as
+    ``(name, module, weight, kind)``: ``nn.Linear``, ``nn.Conv1d/2d/3d`` (any ``groups``), the projections of an
+    ``nn.MultiheadAttention`` (``<mha>.in_proj`` or ``<mha>.q_proj``/``k_proj``/``v_proj``, and ``<mha>.out_proj``,
+    with ``module`` the attention module), and factored layers (``weight`` is then ``Σ``). A converted
+    :class:`LowRankMultiheadAttention` holds its projections as child modules under the same names."""
     skip_prefix = None
+    attention_prefixes: list[str] = []
     for name, module in model.named_modules():
         if skip_prefix is not None and name.startswith(skip_prefix):
             continue
@@ -80,14 +90,23 @@ def _weights(model: nn.Module):
             projections = [("in_proj", module.in_proj_weight)] if joint else [
                 ("q_proj", module.q_proj_weight), ("k_proj", module.k_proj_weight), ("v_proj", module.v_proj_weight)]
             for pname, weight in projections + [("out_proj", module.out_proj.weight)]:
-                yield f"{name}.{pname}", module, weight, "attention"
-        elif isinstance(module, (LowRankLayer, LowRankMultiheadAttention)):
-            raise ValueError(f"module {name!r} is already an OIALR layer ({type(module).__name__}); build the "
-                             "controller on the dense model and restore a run with OIALR.load_state_dict")
+                yield _join(name, pname), module, weight, "attention"
+            continue
+        if isinstance(module, LowRankMultiheadAttention):
+            attention_prefixes.append(f"{name}.")
+            continue
+        in_attention = any(name.startswith(p) for p in attention_prefixes)
+        if isinstance(module, LowRankLayer):
+            kind = "conv" if isinstance(module, LowRankConv) else "attention" if in_attention else "linear"
+            yield name, module, module.lowrank_S, kind
         elif isinstance(module, nn.Linear):
-            yield name, module, module.weight, "linear"
+            yield name, module, module.weight, "attention" if in_attention else "linear"
         elif isinstance(module, _CONVS):
             yield name, module, module.weight, "conv"
+
+
+def _join(prefix: str, child: str) -> str:
+    return f"{prefix}.{child}" if prefix else child
 
 
 def _overrides_forward(module: nn.Module) -> bool:

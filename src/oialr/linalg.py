@@ -84,3 +84,65 @@ def orthonormalize(q: Tensor) -> tuple[Tensor, Tensor]:
     signs = torch.sign(torch.diagonal(r))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
     return q_new * signs, r * signs[:, None]
+
+
+# Singular values below POLAR_RTOL · σ_max count as zero in the polar factor: float32 weights do not resolve weaker
+# directions (rounding is ~1.2e-7 · σ_max per entry), and the float64 Gram matrix resolves σ down to ~1e-8 · σ_max,
+# so the threshold sits between the two with room on both sides.
+POLAR_RTOL = 1e-6
+
+
+def tall_view(weight: Tensor) -> Tensor:
+    """The weight as a matrix (:func:`matrix_view`), transposed if wider than tall, so ``m >= n``."""
+    matrix = matrix_view(weight)
+    return matrix.mT if matrix.shape[0] < matrix.shape[1] else matrix
+
+
+def gram_inverse_sqrt(gram: Tensor, *, rtol: float = POLAR_RTOL) -> tuple[Tensor, Tensor]:
+    """Pseudo-inverse square root of symmetric PSD ``G (..., n, n)`` (a Gram matrix ``AᵀA``), batched.
+
+    ``G = V diag(λ) Vᵀ`` (``eigh``); returns ``G^{+1/2} = V_r diag(λ_r^{-1/2}) V_rᵀ`` over the eigenvalues
+    ``λ_i > rtol² · λ_max`` (the others count as zero; a zero matrix gives zero, not NaN), and ``λ (..., n)``
+    clamped at 0, in descending order. Computed in ``G``'s dtype; pass float64 (see :func:`polar_factor`).
+    """
+    with torch.autocast(device_type=gram.device.type, enabled=False):
+        evals, evecs = torch.linalg.eigh(gram)                                   # ascending
+        evals = evals.clamp_min(0)
+        keep = evals > rtol * rtol * evals[..., -1:]
+        inv_sqrt = torch.where(keep, evals.clamp_min(torch.finfo(evals.dtype).tiny).rsqrt(), 0.0)
+        root = (evecs * inv_sqrt.unsqueeze(-2)) @ evecs.mT                       # V diag(λ^{-1/2}) Vᵀ
+    return root, evals.flip(-1)
+
+
+def polar_factor(matrix: Tensor, *, rtol: float = POLAR_RTOL) -> tuple[Tensor, Tensor]:
+    """Polar factor ``Q = U_r V_rᵀ`` and singular values of ``A (..., m, n)``, batched over leading dimensions.
+
+    With the thin SVD ``A = U diag(s) Vᵀ``, ``Q`` keeps the ``r`` directions with ``s_i > rtol · s_1``; for full
+    column rank it is the orthogonal polar factor (``QᵀQ = I``), unique whatever the SVD's sign choices. Computed
+    without an SVD, through the Gram matrix (``m >= n``; a wide ``A`` is handled through ``Aᵀ``)::
+
+        G = AᵀA  (n×n),   Q = A G^{+1/2}  (m×n),   s = sqrt(eig(G))  descending
+
+    in float64 outside autocast, because the Gram matrix squares the condition number ``κ``: in float32 ``Q`` would
+    be off by about ``κ² · 6e-8`` (1e-3 at ``κ = 100``), in float64 by ``κ² · 1e-16``. Returns float64 tensors
+    ``Q (..., m, n)`` and ``s (..., min(m, n))``. Raises ``torch.linalg.LinAlgError`` for non-finite input.
+    """
+    if matrix.shape[-2] < matrix.shape[-1]:
+        q, s = polar_factor(matrix.mT, rtol=rtol)
+        return q.mT, s
+    with torch.autocast(device_type=matrix.device.type, enabled=False):
+        a = matrix.detach().double()
+        root, evals = gram_inverse_sqrt(a.mT @ a, rtol=rtol)
+        return a @ root, evals.sqrt()
+
+
+def qr_r_factor(matrix: Tensor) -> Tensor:
+    """``R (..., n, n)`` of the thin QR ``A = QR`` of ``A (..., m, n)``, ``m >= n``, with ``diag R >= 0``, batched.
+
+    Fixing the signs makes ``R`` unique for full column rank (Householder QR leaves each row's sign free). Computed
+    in float64 outside autocast.
+    """
+    with torch.autocast(device_type=matrix.device.type, enabled=False):
+        r = torch.linalg.qr(matrix.detach().double(), mode="r")[1]
+        signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+        return r * torch.where(signs == 0, 1.0, signs).unsqueeze(-1)

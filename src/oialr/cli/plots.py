@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from . import files
+from .. import files
 
 
 def plot_run(metrics: list[dict], out: str) -> list[str]:

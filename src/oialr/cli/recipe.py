@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .. import OIALR
-from . import files
+from .. import files
 from .config import ConfigError, TrainConfig
 from .data import Loader, load_dataset
 from .models import build_model
@@ -234,6 +234,7 @@ class TrainingRun:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "world_size": self.world_size,
             "transition_step": summary["transition_step"] if summary else None,
+            "transition_reason": summary["transition_reason"] if summary else None,
             "layers": summary["layers"] if summary else {},
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "config": self.cfg.to_dict(),

@@ -1,0 +1,292 @@
+"""Basis stability of weights: the metric, a tracker for any training loop, and the automatic-transition rule."""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import warnings
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import files, linalg
+from .convert import weight_layers
+from .layers import LowRankLayer
+from .stability_rule import PlateauRule
+
+__all__ = ["basis_stability", "layer_names", "weight_matrix", "spectrum_stats", "StabilityTracker", "PlateauRule"]
+
+STATE_VERSION = 1
+NETWORK_ROWS = ("network:mean", "network:weighted")     # the `layer` of the network rows in write_csv
+CSV_FIELDS = ("step", "layer", "rows", "cols", "stability", "sigma_max", "effective_rank", "rank_at_cutoff", "mixing")
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_MHA_INPUTS = ("in_proj", "q_proj", "k_proj", "v_proj")
+_CHUNK_ELEMENTS = 2 ** 24           # at most this many float64 weight entries (128 MiB) go through one batched eigh
+
+
+def basis_stability(w_prev: Tensor, w_now: Tensor) -> float:
+    """How far the orthogonal basis of a weight moved between two snapshots, in ``[-1, 1]``.
+
+    Each weight (any shape with at least 2 dimensions) is viewed as a matrix ``out × rest`` oriented tall,
+    ``W (m×n)``, ``m >= n``; with ``Q = U_r V_rᵀ`` its polar factor (:func:`oialr.linalg.polar_factor`)::
+
+        stability = tr(Q₁ᵀ Q₂) / n = mean over columns i of  cos(Q₁[:, i], Q₂[:, i])
+
+    1: the basis did not move (rescaling singular values keeps it at 1); -1: ``W₂ = -W₁``; ~0: unrelated bases.
+    Directions with ``s_i <= 1e-6 · s_1`` count as zero and the sum is still divided by ``n``, so a rank-deficient
+    weight scores at most ``rank / n``; a zero matrix scores 0. Non-finite weights give ``nan``.
+    """
+    for label, w in (("w_prev", w_prev), ("w_now", w_now)):
+        if not isinstance(w, Tensor) or w.dim() < 2:
+            found = f"{w.dim()}-D tensor" if isinstance(w, Tensor) else type(w).__name__
+            raise ValueError(f"basis_stability needs weights with at least 2 dimensions (a matrix, conv kernel, ...);"
+                             f" {label} is a {found}")
+    if w_prev.shape != w_now.shape:
+        raise ValueError(f"basis_stability needs two snapshots of the same weight, got shapes {tuple(w_prev.shape)} "
+                         f"(w_prev) and {tuple(w_now.shape)} (w_now)")
+    if not (torch.isfinite(w_prev).all() and torch.isfinite(w_now).all()):
+        return math.nan
+    pair = torch.stack([linalg.tall_view(w.detach().double()) for w in (w_prev, w_now.to(w_prev.device))])
+    q, _ = linalg.polar_factor(pair)                                       # (2, m, n)
+    return min(max((q[0] * q[1]).sum().item() / q.shape[-1], -1.0), 1.0)        # clamp float rounding
+
+
+def layer_names(model: nn.Module, *, trainable_only: bool = False) -> list[str]:
+    """Names of the weight matrices the tracker can measure, in registration order, named as OIALR names them
+    (:func:`oialr.convert.weight_layers`; grouped convs left out). ``trainable_only`` leaves out weights with
+    ``requires_grad=False`` (for factored layers: ``Σ``'s flag)."""
+    return [name for name, module, weight, _ in weight_layers(model)
+            if not (isinstance(module, _CONVS) and module.groups != 1) and (weight.requires_grad or not trainable_only)]
+
+
+def weight_matrix(model: nn.Module, name: str) -> Tensor:
+    """The weight of the layer ``name`` (a :func:`layer_names` name) as a detached ``out × rest`` matrix.
+
+    Resolved against ``model`` at every call, so it follows modules that OIALR replaced. A factored layer gives its
+    dense product ``U Σ Vᵀ`` computed in float64 (so it has exactly rank ``r``); other layers their own weight.
+    """
+    parent_name, _, child = name.rpartition(".")
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        module = None
+        parent = _submodule_or_none(model, parent_name)
+        if isinstance(parent, nn.MultiheadAttention) and child in _MHA_INPUTS:
+            weight = getattr(parent, f"{child}_weight")
+            if weight is not None:
+                return linalg.matrix_view(weight.detach())
+    if isinstance(module, LowRankLayer):
+        U, S, V = (p.detach().double() for p in (module.lowrank_U, module.lowrank_S, module.lowrank_V))
+        return (U @ S) @ V.mT
+    if isinstance(module, (nn.Linear, *_CONVS)):
+        return linalg.matrix_view(module.weight.detach())
+    found = "nothing" if module is None else f"a {type(module).__name__}"
+    raise ValueError(f"layer {name!r}: expected an nn.Linear, nn.Conv1d/2d/3d, an OIALR factored layer or an attention "
+                     f"projection '<mha>.in_proj' / 'q_proj' / 'k_proj' / 'v_proj' / 'out_proj', found {found}; "
+                     "use a name from oialr.stability.layer_names(model)")
+
+
+def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def spectrum_stats(s: Tensor, cutoff: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``σ_max``, effective rank and rank at ``cutoff`` of singular values ``s (..., k)`` sorted descending.
+
+    effective rank (Roy & Vetterli 2007) ``= exp(-Σ p_i log p_i)``, ``p = s / Σ s`` (0 for a zero matrix);
+    rank at cutoff ``= #{i : s_i >= cutoff · s_1}`` (0 for a zero matrix).
+    """
+    total = s.sum(-1, keepdim=True)
+    p = s / total.clamp_min(torch.finfo(s.dtype).tiny)
+    entropy = -torch.where(p > 0, p * p.clamp_min(torch.finfo(s.dtype).tiny).log(), 0.0).sum(-1)
+    erank = torch.where(total[..., 0] > 0, entropy.exp(), 0.0)
+    rank = ((s >= cutoff * s[..., :1]) & (s[..., :1] > 0)).sum(-1)
+    return s[..., 0], erank, rank
+
+
+class StabilityTracker:
+    """Records the basis stability and spectrum of a model's weight matrices every ``every`` optimizer steps.
+
+    Call :meth:`step` once after every ``optimizer.step()``::
+
+        tracker = StabilityTracker(model, every=50)
+        for x, y in data:
+            loss_fn(model(x), y).backward()
+            optimizer.step(); optimizer.zero_grad()
+            tracker.step()
+        tracker.write_csv("stability.csv")
+
+    At steps ``every, 2·every, …`` (counted in ``step()`` calls; forward passes and evaluation advance nothing) each
+    tracked weight, as a tall matrix ``W (m×n)``, gives ``Q`` and ``s`` (:func:`oialr.linalg.polar_factor`, one
+    batched float64 ``eigh`` per weight shape) and a record ``{"step", "network_stability", "weighted_stability",
+    "layers": {name: {...}}}`` with, per layer, its ``shape`` (``out × rest``) and
+
+        stability       tr(Q_prevᵀ Q) / n against the previous sample; None at the first sample (nothing to compare)
+        sigma_max, effective_rank, rank_at_cutoff       see :func:`spectrum_stats`
+        mixing          (``mixing=True``) ‖R − R_prev‖_F / ‖R_prev‖_F for W = QR, diag R >= 0; None at the first sample
+
+    and, over the layers that have a stability, their mean and their mean weighted by ``m·n`` (None when none has).
+    A layer with non-finite weights gets None everywhere and a fresh start. Layers: ``layers`` (names from
+    :func:`layer_names`), by default every trainable one. Names are resolved against ``model`` at each sample
+    (:func:`weight_matrix`), so modules replaced by OIALR's transition keep their series (measured as ``U Σ Vᵀ``).
+    Memory: a float32 ``Q (m×n)`` per layer (plus ``R (n×n)`` with ``mixing``), so stability is exact to ~1e-7
+    (clamped to ``[-1, 1]``). Time per sample: ``4·m·n²`` float64 flops plus an ``n×n`` ``eigh`` per layer, about
+    ``4·n / B`` training steps for an ``n×n`` layer trained on ``B`` rows (tokens) per step. At ``every=50`` that is
+    0.6% of the training time of a width-256 transformer at 3.6k tokens per step, but ~35% for a width-512 MLP at
+    batch 128 (raise ``every`` there).
+    """
+
+    def __init__(self, model: nn.Module, every: int = 50, cutoff: float = 0.1, mixing: bool = False,
+                 layers: list[str] | None = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        errors = []
+        if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+            errors.append(f"every must be an integer >= 1 (optimizer steps between samples), got {every!r}")
+        if not (isinstance(cutoff, (int, float)) and not isinstance(cutoff, bool) and 0.0 <= cutoff < 1.0):
+            errors.append(f"cutoff must be a number in [0, 1) (as OIALRConfig.cutoff), got {cutoff!r}")
+        if not isinstance(mixing, bool):
+            errors.append(f"mixing must be True or False, got {mixing!r}")
+        available = layer_names(model)
+        if layers is None:
+            layers = layer_names(model, trainable_only=True)
+        elif not (isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers)):
+            errors.append(f"layers must be None or a list of layer names, got {layers!r}")
+        else:
+            unknown = [n for n in layers if n not in available]
+            if unknown:
+                errors.append(f"layers {unknown} are not weight matrices of the model; choose from {available}")
+        if not errors and not layers:
+            errors.append(f"no weight matrix to track (layers found: {available}); pass layers=[...] to choose some")
+        if errors:
+            raise ValueError("invalid StabilityTracker:\n  " + "\n  ".join(errors))
+        self.model, self.every, self.cutoff, self.mixing = model, every, float(cutoff), mixing
+        self.layers: list[str] = list(layers)
+        self.step_count = 0
+        self.records: list[dict[str, Any]] = []
+        self._q: dict[str, Tensor] = {}       # polar factor at the last sample, float32 (m×n)
+        self._r: dict[str, Tensor] = {}       # R of W = QR at the last sample, float32 (n×n), with mixing
+
+    def step(self) -> dict[str, Any] | None:
+        """Advance one optimizer step; at every ``every``-th step, sample and return the new record."""
+        self.step_count += 1
+        return self.sample() if self.step_count % self.every == 0 else None
+
+    @property
+    def latest(self) -> dict[str, Any] | None:
+        return self.records[-1] if self.records else None
+
+    @torch.no_grad()
+    def sample(self) -> dict[str, Any]:
+        """Measure every tracked layer now and append (and return) a record for the current step."""
+        layers: dict[str, dict[str, Any]] = {}
+        groups: dict[tuple, list[tuple[str, Tensor]]] = defaultdict(list)
+        for name in self.layers:
+            matrix = weight_matrix(self.model, name)
+            layers[name] = {"shape": list(matrix.shape), "stability": None, "sigma_max": None,
+                            "effective_rank": None, "rank_at_cutoff": None, **({"mixing": None} if self.mixing else {})}
+            if torch.isfinite(matrix).all():
+                tall = linalg.tall_view(matrix)
+                groups[(tuple(tall.shape), tall.device)].append((name, tall))
+            else:
+                warnings.warn(f"StabilityTracker: layer {name!r} has non-finite weights at step {self.step_count}; "
+                              "it is recorded as None and its series restarts", stacklevel=2)
+                self._q.pop(name, None)
+                self._r.pop(name, None)
+        for key, items in groups.items():
+            m, n = key[0]
+            size = max(1, _CHUNK_ELEMENTS // (m * n))
+            for start in range(0, len(items), size):
+                self._measure(items[start:start + size], layers)
+        done = [(layers[n]["stability"], math.prod(layers[n]["shape"])) for n in self.layers]
+        done = [(s, w) for s, w in done if s is not None]
+        record = {
+            "step": self.step_count,
+            "network_stability": sum(s for s, _ in done) / len(done) if done else None,
+            "weighted_stability": sum(s * w for s, w in done) / sum(w for _, w in done) if done else None,
+            "layers": layers,
+        }
+        self.records.append(record)
+        return record
+
+    def _measure(self, items: list[tuple[str, Tensor]], layers: dict[str, dict[str, Any]]) -> None:
+        """Fill ``layers`` for same-shape tall matrices ``items`` through one batched polar factor; keep snapshots."""
+        stack = torch.stack([w.double() for _, w in items])                   # (k, m, n) float64
+        q, s = linalg.polar_factor(stack)
+        sigma, erank, rank = spectrum_stats(s, self.cutoff)
+        r = linalg.qr_r_factor(stack) if self.mixing else None
+        n = stack.shape[-1]
+        for j, (name, _) in enumerate(items):
+            out = layers[name]
+            out["sigma_max"], out["effective_rank"], out["rank_at_cutoff"] = (
+                sigma[j].item(), erank[j].item(), int(rank[j].item()))
+            prev = self._q.get(name)
+            if prev is not None and prev.shape == q[j].shape:
+                out["stability"] = min(max((prev.to(q) * q[j]).sum().item() / n, -1.0), 1.0)
+            self._q[name] = q[j].float()
+            if r is not None:
+                prev = self._r.get(name)
+                if prev is not None and prev.shape == r[j].shape:
+                    prev_norm = torch.linalg.matrix_norm(prev.to(r)).item()
+                    diff = torch.linalg.matrix_norm(r[j] - prev.to(r)).item()
+                    out["mixing"] = diff / prev_norm if prev_norm > 0 else None
+                self._r[name] = r[j].float()
+
+    # ------------------------------------------------------------------ results files
+    def write_jsonl(self, path: str | os.PathLike) -> None:
+        """One JSON object per record (per sample), written atomically."""
+        files.write_text(os.fspath(path), "".join(json.dumps(record) + "\n" for record in self.records))
+
+    def write_csv(self, path: str | os.PathLike) -> None:
+        """Columns :data:`CSV_FIELDS`: one row per (step, layer) and per step the rows ``network:mean`` and
+        ``network:weighted`` (stability only); None is an empty cell. Written atomically."""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, restval="", lineterminator="\n")
+        writer.writeheader()
+        for record in self.records:
+            for name, values in record["layers"].items():
+                m, n = values["shape"]
+                writer.writerow({"step": record["step"], "layer": name, "rows": m, "cols": n,
+                                 **{k: "" if v is None else v for k, v in values.items() if k != "shape"}})
+            for name, key in zip(NETWORK_ROWS, ("network_stability", "weighted_stability")):
+                value = record[key]
+                writer.writerow({"step": record["step"], "layer": name, "stability": "" if value is None else value})
+        files.write_text(os.fspath(path), buffer.getvalue())
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict[str, Any]:
+        """Step counter, settings, records (plain values) and snapshots (tensors): ``torch.load(weights_only=True)``
+        reads it back."""
+        return {"version": STATE_VERSION, "step": self.step_count, "every": self.every, "cutoff": self.cutoff,
+                "mixing": self.mixing, "layers": list(self.layers), "records": copy.deepcopy(self.records),
+                "snapshots": dict(self._q), "mixing_snapshots": dict(self._r)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a saved series. The tracker must be built with the saved run's ``every``, ``cutoff``, ``mixing``
+        and layers."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            found = state.get("version") if isinstance(state, dict) else None
+            raise ValueError(f"not a StabilityTracker state dict of version {STATE_VERSION} (got a "
+                             f"{type(state).__name__} with version {found!r}); pass what StabilityTracker.state_dict() "
+                             "returned")
+        _check_same("StabilityTracker", {k: state[k] for k in ("every", "cutoff", "mixing", "layers")},
+                    {"every": self.every, "cutoff": self.cutoff, "mixing": self.mixing, "layers": self.layers})
+        self.step_count = state["step"]
+        self.records = copy.deepcopy(state["records"])
+        self._q, self._r = dict(state["snapshots"]), dict(state["mixing_snapshots"])
+
+
+def _check_same(kind: str, saved: dict[str, Any], here: dict[str, Any]) -> None:
+    """Raise ValueError listing every setting in which this object differs from the saved one."""
+    diff = [f"{k}: saved {saved[k]!r}, here {here[k]!r}" for k in here if saved[k] != here[k]]
+    if diff:
+        raise ValueError(f"the saved {kind} was built with other settings; build it as in the saved run:\n  "
+                         + "\n  ".join(diff))

@@ -1,0 +1,118 @@
+"""PlateauRule: choose the full-rank → low-rank transition from measured network stability."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ._checks import is_int, is_real
+
+RULE_STATE_VERSION = 1
+
+
+class PlateauRule:
+    """Says when to leave full-rank training: once network stability is high and has stopped changing.
+
+    Feed it every stability sample in order (e.g. ``record["network_stability"]`` from
+    :class:`oialr.stability.StabilityTracker`); :meth:`update` returns True ("switch now") at the first sample where
+
+        step >= min_steps   and   stability >= threshold   and   max − min of the last ``window`` samples <= epsilon
+
+    (the window includes this sample and must be full), or at the first sample with ``step >= max_steps`` whatever
+    the stability. After firing it keeps returning True; :attr:`fired_step` and :attr:`reason` say when and why.
+    A None stability (a tracker's first sample) is skipped; a NaN one (non-finite weights) empties the window.
+
+    Defaults, for stability measured every ~50 optimizer steps (to be tuned on real runs). Between samples that
+    close, stability is a speed: it is near 1 from the start and follows the learning rate (a width-512 MLP on
+    Fashion-MNIST, AdamW 1e-3 with 300 warm-up steps: 0.991 at step 50, 0.991–0.998 while the rate is high, -> 1
+    as it decays), so the rule looks for the end of the early transient, not for a climb from 0. On that run these
+    defaults fired at step 600, after the learning-rate warm-up; samples further apart give lower stability and
+    need a lower ``threshold`` and a larger ``epsilon``.
+        threshold=0.99   the mean column cosine of the bases between two samples is at least 0.99
+        window=4         the plateau must hold for 4 samples (~200 steps at every=50)
+        epsilon=0.002    and vary by at most 0.002 over them
+        min_steps=200    never before the optimizer (and a learning-rate warm-up) had a chance to move the weights
+        max_steps=None   no forced switch; set it to the hand-set warm-up you would have used (e.g. 1000)
+    """
+
+    def __init__(self, threshold: float = 0.99, window: int = 4, epsilon: float = 0.002, min_steps: int = 200,
+                 max_steps: int | None = None) -> None:
+        errors = []
+        if not (is_real(threshold) and -1.0 < threshold <= 1.0):
+            errors.append(f"threshold must be a number in (-1, 1] (stability's range), got {threshold!r}")
+        if not (is_int(window) and window >= 1):
+            errors.append(f"window must be an integer >= 1 (samples that must agree), got {window!r}")
+        if not (is_real(epsilon) and 0.0 <= epsilon <= 2.0):
+            errors.append(f"epsilon must be a number in [0, 2] (max − min stability over the window), got {epsilon!r}")
+        if not (is_int(min_steps) and min_steps >= 0):
+            errors.append(f"min_steps must be an integer >= 0, got {min_steps!r}")
+        if max_steps is not None and not (is_int(max_steps) and max_steps >= 1):
+            errors.append(f"max_steps must be None or an integer >= 1, got {max_steps!r}")
+        elif max_steps is not None and is_int(min_steps) and max_steps < min_steps:
+            errors.append(f"max_steps must be None or >= min_steps ({min_steps}), got {max_steps!r}")
+        if errors:
+            raise ValueError("invalid PlateauRule:\n  " + "\n  ".join(errors))
+        self.threshold, self.window, self.epsilon = float(threshold), window, float(epsilon)
+        self.min_steps, self.max_steps = min_steps, max_steps
+        self.history: list[float] = []        # the last `window` stabilities
+        self.last_step: int | None = None
+        self.fired_step: int | None = None
+        self.reason = ""
+
+    @property
+    def fired(self) -> bool:
+        return self.fired_step is not None
+
+    def update(self, step: int, network_stability: float | None) -> bool:
+        """Take the sample at optimizer step ``step``; return whether to switch to low-rank training now."""
+        if not is_int(step) or step < 0:
+            raise ValueError(f"step must be an integer >= 0 (optimizer steps), got {step!r}")
+        if network_stability is not None and not is_real(network_stability, finite=False):
+            raise ValueError(f"network_stability must be a number or None, got {network_stability!r}")
+        if self.last_step is not None and step <= self.last_step:
+            raise ValueError(f"samples must come in increasing step order: got step {step} after step "
+                             f"{self.last_step}; feed each sample once (a resumed run continues after the saved step)")
+        self.last_step = step
+        if self.fired:
+            return True
+        if network_stability is not None:
+            finite = math.isfinite(network_stability)
+            self.history = (self.history + [network_stability])[-self.window:] if finite else []
+        spread = max(self.history) - min(self.history) if self.history else math.inf
+        if (network_stability is not None and step >= self.min_steps and len(self.history) == self.window
+                and self.history[-1] >= self.threshold and spread <= self.epsilon):
+            return self._fire(step, f"network stability {self.history[-1]:.4f} >= {self.threshold:g} and changed by "
+                                    f"{spread:.4f} <= {self.epsilon:g} over the last {self.window} samples at step "
+                                    f"{step}")
+        if self.max_steps is not None and step >= self.max_steps:
+            current = "none yet" if network_stability is None else f"{network_stability:.4f}"
+            return self._fire(step, f"max_steps reached: step {step} >= max_steps {self.max_steps} "
+                                    f"(network stability {current})")
+        return False
+
+    def _fire(self, step: int, reason: str) -> bool:
+        self.fired_step, self.reason = step, reason
+        return True
+
+    def settings(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "window": self.window, "epsilon": self.epsilon,
+                "min_steps": self.min_steps, "max_steps": self.max_steps}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Settings and the samples seen (plain values)."""
+        return {"version": RULE_STATE_VERSION, **self.settings(), "history": list(self.history),
+                "last_step": self.last_step, "fired_step": self.fired_step, "reason": self.reason}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a saved run; the rule must be built with the saved settings."""
+        if not isinstance(state, dict) or state.get("version") != RULE_STATE_VERSION:
+            found = state.get("version") if isinstance(state, dict) else None
+            raise ValueError(f"not a PlateauRule state dict of version {RULE_STATE_VERSION} (got a "
+                             f"{type(state).__name__} with version {found!r}); pass what PlateauRule.state_dict() "
+                             "returned")
+        diff = [f"{k}: saved {state[k]!r}, here {v!r}" for k, v in self.settings().items() if state[k] != v]
+        if diff:
+            raise ValueError("the saved PlateauRule was built with other settings; build it as in the saved run:\n  "
+                             + "\n  ".join(diff))
+        self.history, self.last_step = list(state["history"]), state["last_step"]
+        self.fired_step, self.reason = state["fired_step"], state["reason"]
+
