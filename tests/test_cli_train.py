@@ -130,3 +130,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
     assert "checkpoint saved" in err and "--resume" in err
     state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert 0 < state["step"] < 400 * 15
+
+
+def test_stability_series_and_report(data_dir, tmp_path, capsys):
+    out = str(tmp_path / "stab")
+    run = recipe.start_or_resume(tiny(data_dir, stability_every=5), out, False, log=lambda *a: None)
+    run.train()
+    records = [json.loads(line) for line in open(os.path.join(out, "stability.jsonl"))]
+    assert [r["step"] for r in records] == list(range(5, 46, 5))
+    assert set(records[-1]["layers"]) == {"1", "3", "5"}
+    assert records[-1]["layers"]["1"]["mixing"] is not None
+    assert main(["stability", out]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["samples"] == 9 and 0 < summary["fraction_90pct_of_final"] <= 1
+    for name in ("stability_network.png", "stability_layers.png", "spectra.png", "stability_summary.json"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert main(["stability", str(tmp_path)]) == 2
+    assert "stability_every" in capsys.readouterr().err

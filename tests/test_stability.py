@@ -75,8 +75,13 @@ def test_rank_deficient_and_zero():
     u, v = _factors(16, 8, 3)
     w1 = u @ torch.diag(torch.tensor([3.0, 2, 1], dtype=torch.float64)) @ v.T
     w2 = u @ torch.diag(torch.tensor([1.0, 5, 2], dtype=torch.float64)) @ v.T
-    assert basis_stability(w1, w2) == pytest.approx(3 / 8, abs=1e-10)          # U_r V_rᵀ, divided by n = 8
-    assert basis_stability(w1.float(), w2.float()) == pytest.approx(3 / 8, abs=1e-6)
+    assert basis_stability(w1, w2) == pytest.approx(1.0, abs=1e-10)          # same rank-3 basis: U_r V_rᵀ / 3
+    assert basis_stability(w1.float(), w2.float()) == pytest.approx(1.0, abs=1e-6)
+    fu, _ = linalg.orthonormalize(torch.cat([u, torch.randn(16, 5, dtype=torch.float64)], 1))   # fu[:, :3] = u
+    fv, _ = linalg.orthonormalize(torch.cat([v, torch.randn(8, 5, dtype=torch.float64)], 1))
+    full_rank = fu @ torch.diag(torch.tensor([3.0, 2, 1, 1, 1, 1, 1, 1], dtype=torch.float64)) @ fv.T
+    # rank fell from 8 to 3, the 3 kept directions unchanged: 3 / max(8, 3)
+    assert basis_stability(full_rank, w1) == pytest.approx(3 / 8, abs=1e-10)
     q, s = linalg.polar_factor(w1)
     torch.testing.assert_close(q, u @ v.T)
     torch.testing.assert_close(s, torch.tensor([3.0, 2, 1, 0, 0, 0, 0, 0], dtype=torch.float64), atol=1e-7, rtol=0)

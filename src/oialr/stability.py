@@ -38,8 +38,10 @@ def basis_stability(w_prev: Tensor, w_now: Tensor) -> float:
         stability = tr(Q₁ᵀ Q₂) / n = mean over columns i of  cos(Q₁[:, i], Q₂[:, i])
 
     1: the basis did not move (rescaling singular values keeps it at 1); -1: ``W₂ = -W₁``; ~0: unrelated bases.
-    Directions with ``s_i <= 1e-6 · s_1`` count as zero and the sum is still divided by ``n``, so a rank-deficient
-    weight scores at most ``rank / n``; a zero matrix scores 0. Non-finite weights give ``nan``.
+    Rank-deficient weights: directions with ``s_i <= 1e-6 · s_1`` count as zero, ``Q = U_r V_rᵀ``, and the trace is
+    divided by the larger of the two ranks instead of ``n`` (``‖Q‖²_F = r``), so a factored layer whose rank-``r``
+    basis did not move scores 1, and one whose rank fell from ``n`` to ``r`` scores about ``r / n``. A zero matrix
+    scores 0. Non-finite weights give ``nan``.
     """
     for label, w in (("w_prev", w_prev), ("w_now", w_now)):
         if not isinstance(w, Tensor) or w.dim() < 2:
@@ -53,7 +55,16 @@ def basis_stability(w_prev: Tensor, w_now: Tensor) -> float:
         return math.nan
     pair = torch.stack([linalg.tall_view(w.detach().double()) for w in (w_prev, w_now.to(w_prev.device))])
     q, _ = linalg.polar_factor(pair)                                       # (2, m, n)
-    return min(max((q[0] * q[1]).sum().item() / q.shape[-1], -1.0), 1.0)        # clamp float rounding
+    return _alignment(q[0], q[1])
+
+
+def _alignment(q_prev: Tensor, q_now: Tensor) -> float:
+    """``tr(Q₁ᵀ Q₂) / max(r₁, r₂)`` for polar factors of rank ``r = ‖Q‖²_F`` (0 for two zero matrices), clamped to
+    ``[-1, 1]`` against rounding."""
+    rank = max(round(q_prev.square().sum().item()), round(q_now.square().sum().item()))
+    if rank == 0:
+        return 0.0
+    return min(max((q_prev * q_now).sum().item() / rank, -1.0), 1.0)
 
 
 def layer_names(model: nn.Module, *, trainable_only: bool = False) -> list[str]:
@@ -129,7 +140,8 @@ class StabilityTracker:
     batched float64 ``eigh`` per weight shape) and a record ``{"step", "network_stability", "weighted_stability",
     "layers": {name: {...}}}`` with, per layer, its ``shape`` (``out × rest``) and
 
-        stability       tr(Q_prevᵀ Q) / n against the previous sample; None at the first sample (nothing to compare)
+        stability       tr(Q_prevᵀ Q) / n against the previous sample (/ rank if rank-deficient, see
+                        :func:`basis_stability`); None at the first sample (nothing to compare)
         sigma_max, effective_rank, rank_at_cutoff       see :func:`spectrum_stats`
         mixing          (``mixing=True``) ‖R − R_prev‖_F / ‖R_prev‖_F for W = QR, diag R >= 0; None at the first sample
 
@@ -223,14 +235,13 @@ class StabilityTracker:
         q, s = linalg.polar_factor(stack)
         sigma, erank, rank = spectrum_stats(s, self.cutoff)
         r = linalg.qr_r_factor(stack) if self.mixing else None
-        n = stack.shape[-1]
         for j, (name, _) in enumerate(items):
             out = layers[name]
             out["sigma_max"], out["effective_rank"], out["rank_at_cutoff"] = (
                 sigma[j].item(), erank[j].item(), int(rank[j].item()))
             prev = self._q.get(name)
             if prev is not None and prev.shape == q[j].shape:
-                out["stability"] = min(max((prev.to(q) * q[j]).sum().item() / n, -1.0), 1.0)
+                out["stability"] = _alignment(prev.to(q), q[j])
             self._q[name] = q[j].float()
             if r is not None:
                 prev = self._r.get(name)

@@ -29,6 +29,8 @@ class TrainConfig:
     optimizer: ``adamw`` or ``sgd`` (with ``momentum``); lr, weight_decay; learning rate: linear warm-up over
         ``lr_warmup_epochs``, then cosine to 0. label_smoothing; grad_clip: max gradient norm (``null`` = off).
     threads: torch intra-op threads (``null`` = torch's default). oialr: :class:`oialr.OIALRConfig` fields.
+    stability_every: record every layer's basis stability every this many steps for the whole run
+        (``stability.jsonl``/``.csv``, plots by ``oialr stability DIR``); ``null`` = off.
     """
 
     dataset: str = "mnist1d"
@@ -48,6 +50,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     grad_clip: float | None = 5.0
     threads: int | None = None
+    stability_every: int | None = None
     oialr: OIALRConfig = field(default_factory=lambda: OIALRConfig(warmup_steps=300, update_every=60, cutoff=0.1))
 
     def to_dict(self) -> dict[str, Any]:
@@ -94,6 +97,8 @@ def _errors(cfg: TrainConfig) -> list[str]:
     number("lr_warmup_epochs", 0)
     number("label_smoothing", 0, 1)
     number("grad_clip", 0, allow_none=True, low_open=True)
+    check(cfg.stability_every is None or (isinstance(cfg.stability_every, int) and cfg.stability_every >= 1),
+          f"stability_every must be an integer >= 1 or null, got {cfg.stability_every!r}")
     check(cfg.threads is None or (isinstance(cfg.threads, int) and cfg.threads >= 1),
           f"threads must be an integer >= 1 or null, got {cfg.threads!r}")
     return errors

@@ -1,7 +1,8 @@
-"""The ``oialr`` command: ``oialr train`` and ``oialr compare``."""
+"""The ``oialr`` command: ``oialr train``, ``oialr compare`` and ``oialr stability``."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from .config import DATASETS, METHODS, MODELS, ConfigError, build_config, load_yaml
@@ -32,15 +33,27 @@ def _compare_parser(sub) -> None:
     p.add_argument("runs", nargs="+", metavar="DIR")
 
 
+def _stability_parser(sub) -> None:
+    p = sub.add_parser("stability", help="plots and a summary of a run's basis-stability series",
+                       description="Reads DIR/stability.jsonl (train with --set stability_every=N) and writes "
+                                   "stability_network.png, stability_layers.png, spectra.png, stability_summary.json.")
+    p.add_argument("run", metavar="DIR")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="oialr", description="Orthogonality-Informed Adaptive Low-Rank training")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     _compare_parser(sub)
+    _stability_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "stability":
+            from .stability_report import report
+            print(json.dumps(report(args.run), indent=2))
+            return 0
         from .compare import compare_table
         print(compare_table(args.runs))
         return 0

@@ -28,7 +28,7 @@ def plot_run(metrics: list[dict], out: str) -> list[str]:
     for ax in (ax_loss, ax_acc):
         ax.legend()
         ax.grid(alpha=0.3)
-    paths.append(_save(fig, os.path.join(out, "curves.png")))
+    paths.append(save_figure(fig, os.path.join(out, "curves.png")))
 
     fig, (ax_frac, ax_rank) = plt.subplots(1, 2, figsize=(9, 3.2))
     ax_frac.plot(epochs, [m["trainable_fraction"] for m in metrics], label="trainable")
@@ -43,11 +43,12 @@ def plot_run(metrics: list[dict], out: str) -> list[str]:
         ax_rank.legend(fontsize=6)
     for ax in (ax_frac, ax_rank):
         ax.grid(alpha=0.3)
-    paths.append(_save(fig, os.path.join(out, "ranks.png")))
+    paths.append(save_figure(fig, os.path.join(out, "ranks.png")))
     return paths
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str) -> str:
+    """Save a matplotlib figure as PNG atomically and close it."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
     files.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))

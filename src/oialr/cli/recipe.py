@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import OIALR
+from .. import OIALR, StabilityTracker
+from ..stability import weight_matrix
 from .. import files
 from .config import ConfigError, TrainConfig
 from .data import Loader, load_dataset
@@ -71,6 +72,8 @@ class TrainingRun:
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                              weight_decay=cfg.weight_decay)
         self.controller = OIALR(self.model, self.optimizer, cfg.oialr) if cfg.method == "oialr" else None
+        self.tracker = None if cfg.stability_every is None else StabilityTracker(
+            self.model, every=cfg.stability_every, cutoff=cfg.oialr.cutoff, mixing=True)
         images = len(self.data.input_shape) == 3
         self.train_loader = Loader(self.data.train.x, self.data.train.y, cfg.batch_size, shuffle=True,
                                    drop_last=True, augment=cfg.augment and images, pad_value=self.data.pad_value,
@@ -86,6 +89,7 @@ class TrainingRun:
             "config": self.cfg.to_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "step": self.step, "train_seconds": self.train_seconds, "metrics": self.metrics,
             "controller": None if self.controller is None else self.controller.state_dict(),
+            "tracker": None if self.tracker is None else self.tracker.state_dict(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(),
         }
@@ -100,6 +104,8 @@ class TrainingRun:
             self.controller.load_state_dict(state["controller"])
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.tracker is not None:
+            self.tracker.load_state_dict(state["tracker"])
         torch.set_rng_state(state["rng"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.train_seconds, self.metrics = state["train_seconds"], state["metrics"]
@@ -154,6 +160,8 @@ class TrainingRun:
         self.optimizer.step()
         if self.controller is not None:
             self.controller.step()
+        if self.tracker is not None:
+            self.tracker.step()
         self.step += 1
         self._sums["loss"] += loss.item() * len(y)
         self._sums["correct"] += (logits.argmax(1) == y).sum().item()
@@ -184,6 +192,9 @@ class TrainingRun:
         files.write_csv(os.path.join(self.out, "metrics.csv"), [
             {k: v for k, v in r.items() if k != "ranks"} for r in self.metrics])
         self._tensorboard(row)
+        if self.tracker is not None:
+            self.tracker.write_jsonl(os.path.join(self.out, "stability.jsonl"))
+            self.tracker.write_csv(os.path.join(self.out, "stability.csv"))
         self.save_checkpoint()
         self.log(f"epoch {self.epoch:3d}/{self.cfg.epochs}  loss {row['train_loss']:.4f}  test top1 {top1:.4f}  "
                  f"trainable {row['trainable_fraction']:.1%}  phase {row['phase']}  {self.train_seconds:.0f}s")
@@ -240,12 +251,21 @@ class TrainingRun:
             "config": self.cfg.to_dict(),
         }
         files.write_json(os.path.join(self.out, "results.json"), results)
+        if self.tracker is not None:
+            files.write_json(os.path.join(self.out, "spectra.json"), self.spectra())
         try:
             from .plots import plot_run
             plot_run(self.metrics, self.out)
         except ImportError as err:
             self.log(f"plots skipped ({err}); pip install matplotlib")
         return results
+
+
+    @torch.no_grad()
+    def spectra(self) -> dict[str, list[float]]:
+        """Singular values of every tracked layer now (descending), for the spectrum plot."""
+        return {name: torch.linalg.svdvals(weight_matrix(self.model, name).double()).tolist()
+                for name in self.tracker.layers}
 
 
 def start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, *, log=print) -> TrainingRun:

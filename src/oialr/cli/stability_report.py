@@ -1,0 +1,102 @@
+"""``oialr stability DIR``: plots and a summary of the basis-stability series a run recorded."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+from .. import files
+from .config import ConfigError
+from .plots import save_figure
+
+
+def load_series(run_dir: str) -> list[dict]:
+    path = os.path.join(run_dir, "stability.jsonl")
+    if not os.path.exists(path):
+        raise ConfigError(f"{path} does not exist: train with --set stability_every=N to record basis stability")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(records: list[dict], total_steps: int | None) -> dict:
+    """Final network stability and when the series first reached 90% of it (as a step and a fraction of training).
+
+    Measured on the series after its first sample (which has no stability)."""
+    points = [(r["step"], r["network_stability"]) for r in records if r["network_stability"] is not None]
+    if not points:
+        return {"samples": len(records)}
+    final = points[-1][1]
+    reached = next((step for step, value in points if value >= 0.9 * final), None)
+    weighted = [r["weighted_stability"] for r in records if r["weighted_stability"] is not None]
+    return {
+        "samples": len(records),
+        "final_network_stability": final,
+        "final_weighted_stability": weighted[-1] if weighted else None,
+        "min_network_stability": min(v for _, v in points),
+        "step_90pct_of_final": reached,
+        "fraction_90pct_of_final": None if reached is None or not total_steps else reached / total_steps,
+    }
+
+
+def report(run_dir: str) -> dict:
+    """Write ``stability_network.png``, ``stability_layers.png``, ``spectra.png`` (if ``spectra.json`` exists) and
+    ``stability_summary.json`` to ``run_dir``; return the summary."""
+    records = load_series(run_dir)
+    total_steps = None
+    results_path = os.path.join(run_dir, "results.json")
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            total_steps = json.load(f).get("steps")
+    summary = summarize(records, total_steps)
+    files.write_json(os.path.join(run_dir, "stability_summary.json"), summary)
+    try:
+        _plot(records, run_dir, total_steps)
+    except ImportError as err:
+        summary["plots"] = f"skipped ({err}); pip install matplotlib"
+    return summary
+
+
+def _plot(records: list[dict], run_dir: str, total_steps: int | None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(steps, [_nan(r["network_stability"]) for r in records], label="mean over layers")
+    ax.plot(steps, [_nan(r["weighted_stability"]) for r in records], label="parameter-weighted mean")
+    ax.set(xlabel="optimizer step", ylabel="stability  tr(Q₁ᵀQ₂)/n", title="network basis stability")
+    if total_steps:
+        ax.set_xlim(0, total_steps)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, os.path.join(run_dir, "stability_network.png"))
+
+    names = list(records[-1]["layers"])
+    grid = [[_nan(r["layers"].get(name, {}).get("stability")) for r in records] for name in names]
+    fig, ax = plt.subplots(figsize=(7, 0.25 * len(names) + 1.5))
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
+                      extent=(steps[0], steps[-1], len(names) - 0.5, -0.5))
+    ax.set_yticks(range(len(names)), names, fontsize=6)
+    ax.set(xlabel="optimizer step", title="basis stability per layer")
+    fig.colorbar(image, ax=ax)
+    save_figure(fig, os.path.join(run_dir, "stability_layers.png"))
+
+    spectra_path = os.path.join(run_dir, "spectra.json")
+    if os.path.exists(spectra_path):
+        with open(spectra_path) as f:
+            spectra = json.load(f)
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for name, s in spectra.items():
+            if s and s[0] > 0:
+                ax.plot([i / max(len(s) - 1, 1) for i in range(len(s))], [v / s[0] for v in s], lw=0.8, label=name)
+        ax.set(xlabel="index / (n - 1)", ylabel="σ_i / σ_max", yscale="log", title="singular values at the end")
+        ax.grid(alpha=0.3)
+        if len(spectra) <= 12:
+            ax.legend(fontsize=6)
+        save_figure(fig, os.path.join(run_dir, "spectra.png"))
+
+
+def _nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
