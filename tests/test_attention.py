@@ -11,15 +11,6 @@ from oialr.layers.linear import LowRankLinear
 E, H, N, L, S = 16, 4, 3, 5, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and does not stall when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def close(a, b, atol=1e-6):
     torch.testing.assert_close(a, b, atol=atol, rtol=1e-5)
 

@@ -314,46 +314,47 @@ def test_bad_arguments():
 
 
 # ---------------------------------------------------------------------------------------- resume, determinism
-def _run(steps, state=None, stop_at=None):
-    torch.manual_seed(1)
+def _run(steps, state=None, stop_at=None, seed=1, lr=3e-2, data_seed=3, **config):
+    """Train an MLP for ``steps`` batches (or up to ``stop_at``), optionally restoring ``state`` first; return the
+    model, the ranks after each step, the controller and a saved state."""
+    torch.manual_seed(seed)
     model = mlp()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.01)
-    ctl = OIALR(model, opt, OIALRConfig(warmup_steps=3, update_every=2, cutoff=0.3))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    ctl = OIALR(model, opt, OIALRConfig(**(config or dict(warmup_steps=3, update_every=2, cutoff=0.3))))
     start = 0
     if state is not None:
         ctl.load_state_dict(state["ctl"])
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         start = ctl.step_count
-    data = batches((16, 16), 4, steps, seed=3)
     ranks = []
-    for x, y in data[start:stop_at]:
+    for x, y in batches((16, 16), 4, steps, seed=data_seed)[start:stop_at]:
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
         ctl.step()
         ranks.append({n: layer.rank for n, layer in ctl.lowrank_layers().items()})
     saved = {"ctl": ctl.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}
-    return model, ranks, saved
+    return model, ranks, ctl, saved
 
 
 def test_exact_resume_after_rank_changes():
-    full, full_ranks, _ = _run(14)
+    full, full_ranks, _, _ = _run(14)
     assert full_ranks[7] != full_ranks[2], "the test needs a rank change before the checkpoint"
-    _, _, saved = _run(14, stop_at=8)
+    _, _, _, saved = _run(14, stop_at=8)
     buffer = io.BytesIO()
     torch.save(saved, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    resumed, resumed_ranks, _ = _run(14, state=saved)
+    resumed, resumed_ranks, _, _ = _run(14, state=saved)
     assert resumed_ranks == full_ranks[8:]
     for (n1, p1), (n2, p2) in zip(full.state_dict().items(), resumed.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
 
 
 def test_same_seed_same_result():
-    a, ranks_a, _ = _run(10)
-    b, ranks_b, _ = _run(10)
+    a, ranks_a, _, _ = _run(10)
+    b, ranks_b, _, _ = _run(10)
     assert ranks_a == ranks_b
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
@@ -386,18 +387,9 @@ def test_summary_and_table():
 
 # ---------------------------------------------------------------------------------------- automatic transition
 def _auto_run(steps, state=None, stop_at=None, **auto):
-    torch.manual_seed(2)
-    model = mlp()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ctl = OIALR(model, opt, OIALRConfig(warmup_steps="auto", stability_every=5, update_every=4, **auto))
-    start = 0
-    if state is not None:
-        ctl.load_state_dict(state["ctl"])
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = ctl.step_count
-    train(model, opt, ctl, batches((16, 16), 4, steps, seed=5)[start:stop_at])
-    return model, ctl, {"ctl": ctl.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}
+    model, _, ctl, saved = _run(steps, state, stop_at, seed=2, lr=1e-2, data_seed=5, warmup_steps="auto",
+                                stability_every=5, update_every=4, **auto)
+    return model, ctl, saved
 
 
 def test_auto_transition_fires_on_a_plateau_at_a_sample():

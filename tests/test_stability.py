@@ -14,15 +14,6 @@ from oialr.stability import PlateauRule, StabilityTracker, basis_stability, laye
 from models import CrossAttention, batches, transformer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: a second thread only adds waiting on a busy machine (seconds instead of milliseconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _factors(m, n, k, seed=0):
     g = torch.Generator().manual_seed(seed)
     u, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))

@@ -88,6 +88,13 @@ class LowRankLayer(nn.Module):
         self.lowrank_S = nn.Parameter(S.to(ref), requires_grad=ref.requires_grad)
         self.lowrank_V = nn.Parameter(V.to(ref), requires_grad=False)
 
+    def _as_dense(self, layer: nn.Module) -> nn.Module:
+        """Give a freshly built dense ``layer`` this layer's weight ``U Σ Vᵀ`` and its bias Parameter object."""
+        layer.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=self.lowrank_S.requires_grad)
+        if self.bias is not None:
+            layer.bias = self.bias
+        return layer
+
     def extra_repr(self) -> str:
         m, n = self.matrix_shape
         return f"matrix={m}x{n}, rank={self.rank}"

@@ -72,10 +72,7 @@ class LowRankConv(LowRankLayer):
         layer = cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride, padding=self.padding,
                     dilation=self.dilation, bias=self.bias is not None, padding_mode=self.padding_mode,
                     device=S.device, dtype=S.dtype)
-        layer.weight = nn.Parameter(self.weight.detach().clone(), requires_grad=S.requires_grad)
-        if self.bias is not None:
-            layer.bias = self.bias
-        return layer
+        return self._as_dense(layer)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, " \

@@ -42,12 +42,8 @@ class LowRankLinear(LowRankLayer):
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with weight ``U Σ Vᵀ`` and this layer's bias Parameter."""
         S = self.lowrank_S
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                          device=S.device, dtype=S.dtype)
-        layer.weight = nn.Parameter(self.dense_matrix().detach().clone(), requires_grad=S.requires_grad)
-        if self.bias is not None:
-            layer.bias = self.bias
-        return layer
+        return self._as_dense(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                                        device=S.device, dtype=S.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
