@@ -1,4 +1,5 @@
 """oialr: Orthogonality-Informed Adaptive Low-Rank training for PyTorch."""
+from . import distributed
 from .config import OIALRConfig
 from .controller import OIALR
 from .convert import find_layers, format_table, merge_lowrank
@@ -20,4 +21,5 @@ __all__ = [
     "basis_stability",
     "StabilityTracker",
     "PlateauRule",
+    "distributed",
 ]

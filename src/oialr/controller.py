@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
-from . import linalg, optim_state
+from . import distributed, linalg, optim_state
 from .config import OIALRConfig
 from .convert import SUPPORTED, LayerInfo, convert_layer, find_layers, format_table
 from .layers import LowRankLayer
@@ -39,15 +39,30 @@ class OIALR:
 
     The optimizer state of ``Σ`` is carried as described in :mod:`oialr.optim_state`. The controller is stateless
     between steps apart from the step counter and the ranks, which :meth:`state_dict` saves.
+
+    Under ``torch.distributed`` (every process builds the same model, optimizer and controller) the SVDs of the
+    transition and of every basis update are computed by rank 0 and broadcast (:mod:`oialr.distributed`), so ``U``,
+    ``Σ``, ``V``, the ranks and the rotations are identical on every process. Pass the bare model and
+    ``wrap=lambda m: DistributedDataParallel(m, ...)``, and run the forward through :attr:`wrapped_model`: the
+    wrapper is rebuilt only when the controller creates new Parameter objects (see ``docs/DISTRIBUTED.md``).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: OIALRConfig | None = None):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: OIALRConfig | None = None, *,
+                 wrap: Callable[[nn.Module], nn.Module] | None = None):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            raise TypeError(f"model is a {type(model).__name__} wrapper, whose gradient sync would miss the Σ "
+                            "Parameters OIALR creates; pass the bare module and let the controller (re)build the "
+                            "wrapper: OIALR(ddp.module, optimizer, config, wrap=lambda m: DistributedDataParallel(m, "
+                            "...)), then train through ctl.wrapped_model")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if wrap is not None and not callable(wrap):
+            raise TypeError(f"wrap must be a callable module -> wrapped module (or None), got {type(wrap).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model = model
         self.optimizer = optimizer
+        self._wrap, self._wrapped = wrap, None
         self.config = config if config is not None else OIALRConfig()
         if not isinstance(self.config, OIALRConfig):
             raise TypeError(f"config must be an OIALRConfig, got {type(self.config).__name__}")
@@ -81,6 +96,17 @@ class OIALR:
     def phase(self) -> str:
         return "full-rank" if self.transition_step is None else "low-rank"
 
+    @property
+    def wrapped_model(self) -> nn.Module:
+        """The module to run the training forward through: ``wrap(model)``, built on first use and again after the
+        controller replaced Parameter objects (the transition, a rank change, a restore); ``model`` without ``wrap``.
+        Read it at every step and keep no reference to an old wrapper (its gradient hooks live as long as it does)."""
+        if self._wrap is None:
+            return self.model
+        if self._wrapped is None:
+            self._wrapped = self._wrap(self.model)
+        return self._wrapped
+
     def step(self) -> None:
         """Advance one optimizer step; run the transition or a basis update when the schedule says so."""
         self.step_count += 1
@@ -97,9 +123,10 @@ class OIALR:
             return f"warmup_steps={self.config.warmup_steps} reached" \
                 if self.step_count >= self.config.warmup_steps else None
         record = self.tracker.step()
-        if record is not None and self.rule.update(self.step_count, record["network_stability"]):
-            return self.rule.reason
-        return None
+        if record is None:
+            return None
+        reason = self.rule.reason if self.rule.update(self.step_count, record["network_stability"]) else None
+        return distributed.broadcast_object(reason)     # rank 0 decides: every process switches at the same step
 
     def lowrank_layers(self) -> dict[str, LowRankLayer]:
         """The factored layers by qualified name (empty before the transition)."""
@@ -112,13 +139,15 @@ class OIALR:
     def _transition(self, reason: str, ranks: dict[str, int] | None = None) -> None:
         """Factor every target weight (ranks from the config, or ``ranks`` when restoring a saved run)."""
         self._warn_unknown_optimizer()
-        for info in self.layer_infos:
-            if not info.convert:
-                continue
-            rank = None if ranks is None else ranks[info.name]
-            weight, layer = convert_layer(self.model, info.name, rank=rank, config=self.config)
+        converted = [convert_layer(self.model, info.name, config=self.config,
+                                   rank=None if ranks is None else ranks[info.name])
+                     for info in self.layer_infos if info.convert]
+        if ranks is None:                               # fresh SVDs: every process adopts rank 0's factors and ranks
+            distributed.broadcast_factors([layer for _, layer in converted])
+        for weight, layer in converted:
             optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S,
                                       layer.lowrank_U.double(), layer.lowrank_V.double())
+        self._wrapped = None                            # new Parameters: the wrapper is rebuilt on next use
         self.transition_step = self.step_count
         self.transition_reason = reason
         self.tracker = None                             # its snapshots are no longer needed
@@ -126,16 +155,30 @@ class OIALR:
     # ------------------------------------------------------------------ basis update
     @torch.no_grad()
     def _update_bases(self) -> None:
+        """:func:`basis_update` of every factored layer, computed by rank 0 under ``torch.distributed`` and
+        broadcast, then applied on every process: new factors, and ``Σ``'s optimizer state rotated by ``u``, ``v``."""
         self._warn_unknown_optimizer()
-        for name, layer in self.lowrank_layers().items():
-            old_S = layer.lowrank_S
-            if not torch.isfinite(old_S).all():
-                warnings.warn(f"OIALR: Σ of layer {name!r} has non-finite entries at step {self.step_count}; "
-                              "its basis update is skipped (the factors are left as they are)", stacklevel=3)
+        layers = self.lowrank_layers()
+        updates = [self._basis_update(name, layer) for name, layer in layers.items()] \
+            if distributed.is_source() else None
+        updates = distributed.broadcast_updates(updates, list(layers.values()))
+        for layer, update in zip(layers.values(), updates):
+            if update is None:
                 continue
-            U, S, V, u, v = basis_update(layer.lowrank_U, old_S, layer.lowrank_V, self.config)
+            U, S, V, u, v = update
+            old_S = layer.lowrank_S
             layer.set_factors(U, S, V)
             optim_state.rotate(self.optimizer, old_S, layer.lowrank_S, u, v)
+            if layer.lowrank_S is not old_S:            # rank changed: new Parameters, rebuild the wrapper
+                self._wrapped = None
+
+    def _basis_update(self, name: str, layer: LowRankLayer) -> tuple[Tensor, ...] | None:
+        """The new factors and rotations of one layer, or None (with a warning) when its ``Σ`` is not finite."""
+        if not torch.isfinite(layer.lowrank_S).all():
+            warnings.warn(f"OIALR: Σ of layer {name!r} has non-finite entries at step {self.step_count}; "
+                          "its basis update is skipped (the factors are left as they are)", stacklevel=4)
+            return None
+        return basis_update(layer.lowrank_U, layer.lowrank_S, layer.lowrank_V, self.config)
 
     def _warn_unknown_optimizer(self) -> None:
         if optim_state.optimizer_kind(self.optimizer) is None and not self._warned_optimizer:
@@ -214,7 +257,8 @@ class OIALR:
                 self._transition(state["transition_reason"], ranks)
             else:
                 for name, layer in self.lowrank_layers().items():
-                    _resize(self.optimizer, layer, ranks[name])
+                    if _resize(self.optimizer, layer, ranks[name]):
+                        self._wrapped = None
         if (state["rule"] is None) != (self.rule is None):
             raise ValueError("the saved run and this controller disagree on warmup_steps='auto'; build the "
                              "OIALRConfig as in the saved run")
@@ -251,14 +295,16 @@ def basis_update(U: Tensor, S: Tensor, V: Tensor, config: OIALRConfig) -> tuple[
         return U64 @ u[:, :k], torch.diag(s[:k]), V64 @ v[:, :k], u, v
 
 
-def _resize(optimizer: torch.optim.Optimizer, layer: LowRankLayer, rank: int) -> None:
-    """Give ``layer`` rank ``rank`` (placeholder values, fresh optimizer state) before values are loaded."""
+def _resize(optimizer: torch.optim.Optimizer, layer: LowRankLayer, rank: int) -> bool:
+    """Give ``layer`` rank ``rank`` (placeholder values, fresh optimizer state) before values are loaded; True if
+    it got new Parameters."""
     if layer.rank == rank:
-        return
+        return False
     old_S = layer.lowrank_S
     (m, n), ref = layer.matrix_shape, old_S
     layer.set_factors(ref.new_zeros(m, rank), ref.new_zeros(rank, rank), ref.new_zeros(n, rank))
     optim_state.swap_param(optimizer, old_S, layer.lowrank_S)
+    return True
 
 
 def _dense_weight(model: nn.Module, name: str) -> Tensor:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import DATASETS, METHODS, MODELS, ConfigError, build_config, load_yaml
@@ -11,14 +12,16 @@ from .config import DATASETS, METHODS, MODELS, ConfigError, build_config, load_y
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model (full-rank or OIALR) on MNIST-1D or Fashion-MNIST",
                        description="Train a model; with no options: the embedded default (MNIST-1D, small CNN, "
-                                   "OIALR, 30 epochs, about a minute on 2 CPU cores).")
+                                   "OIALR, 30 epochs, about a minute on 2 CPU cores). Data-parallel on N "
+                                   "processes: torchrun --nproc-per-node N -m oialr train ... (--batch-size "
+                                   "stays the global batch).")
     p.add_argument("--config", metavar="FILE.yaml", help="settings file (see configs/)")
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-dir", help="folder with the dataset files (Fashion-MNIST: the IDX files)")
     p.add_argument("--model", choices=MODELS)
     p.add_argument("--method", choices=METHODS)
     p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="global batch, split evenly over the processes")
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
     p.add_argument("--out", default="runs/default", help="run folder (default: runs/default)")
@@ -57,15 +60,13 @@ def main(argv: list[str] | None = None) -> int:
         from .compare import compare_table
         print(compare_table(args.runs))
         return 0
-    except ConfigError as err:
-        print(f"oialr: error: {err}", file=sys.stderr)
-        return 2
-    except _data_error() as err:
-        print(f"oialr: error: {err}", file=sys.stderr)
+    except (ConfigError, _data_error()) as err:
+        print(f"{_prog()}: error: {err}", file=sys.stderr)
         return 2
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ..distributed import process_group_from_env
     from .recipe import Interrupted, exit_code, start_or_resume
 
     flags = {"dataset": args.dataset, "data_dir": args.data_dir, "model": args.model, "method": args.method,
@@ -74,16 +75,22 @@ def _train(args: argparse.Namespace) -> int:
     cfg = None
     if given or not args.resume:
         cfg = build_config(load_yaml(args.config) if args.config else None, args.overrides, **flags)
-    run = start_or_resume(cfg, args.out, args.resume)
-    try:
-        results = run.train()
-    except Interrupted as err:
-        print(f"oialr: {err}", file=sys.stderr)
-        return exit_code(err)
-    print(f"done: top1 {results['top1']:.4f} (best {results['best_top1']:.4f}), trainable "
-          f"{results['trainable_params']:,} of {results['dense_params']:,} parameters, "
-          f"{results['train_seconds']:.1f}s; results in {args.out}/results.json")
+    with process_group_from_env():          # under torchrun: one process of the group; else nothing to do
+        run = start_or_resume(cfg, args.out, args.resume)
+        try:
+            results = run.train()
+        except Interrupted as err:
+            run.log(f"oialr: {err}", file=sys.stderr)
+            return exit_code(err)
+    run.log(f"done: top1 {results['top1']:.4f} (best {results['best_top1']:.4f}), trainable "
+            f"{results['trainable_params']:,} of {results['dense_params']:,} parameters, "
+            f"{results['train_seconds']:.1f}s; results in {args.out}/results.json")
     return 0
+
+
+def _prog() -> str:
+    """``oialr``, or ``oialr[rank R]`` in a torchrun job: an error may concern one process only."""
+    return "oialr" if os.environ.get("WORLD_SIZE", "1") in ("", "1") else f"oialr[rank {os.environ.get('RANK')}]"
 
 
 def _data_error() -> type[Exception]:

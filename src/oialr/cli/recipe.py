@@ -1,4 +1,5 @@
-"""TrainingRun: one training run (full-rank or OIALR) from setup to results, with exact, crash-safe resume."""
+"""TrainingRun: one training run (full-rank or OIALR) from setup to results, with exact, crash-safe resume;
+single-process or one process of a ``torchrun`` job (``docs/DISTRIBUTED.md``)."""
 from __future__ import annotations
 
 import math
@@ -12,9 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import OIALR, StabilityTracker
+from .. import OIALR, StabilityTracker, distributed, files
 from ..stability import weight_matrix
-from .. import files
 from .config import ConfigError, TrainConfig
 from .data import Loader, load_dataset
 from .models import build_model
@@ -44,11 +44,16 @@ class TrainingRun:
 
     Files in ``out``: ``checkpoint.pt`` (every epoch and on interrupt), ``metrics.jsonl``/``metrics.csv`` (one row
     per epoch), ``results.json`` and the plots (at the end), TensorBoard events when tensorboard is installed.
+
+    Under ``torch.distributed`` every process runs this with the same settings: each trains on its shard of every
+    global batch (``batch_size / world_size`` samples) through DDP, sums of metrics are all-reduced, and rank 0
+    alone writes files and logs while the others wait at a barrier.
     """
 
     def __init__(self, cfg: TrainConfig, out: str, *, log=print):
-        self.cfg, self.out, self.log = cfg, out, log
-        self.rank, self.world_size = 0, 1
+        self.cfg, self.out = cfg, out
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.log = log if self.rank == 0 else (lambda *args, **kwargs: None)
         self.epoch = 0                 # completed epochs
         self.batch_in_epoch = 0        # batches of the current epoch already trained (resume mid-epoch)
         self.step = 0                  # optimizer steps
@@ -59,29 +64,45 @@ class TrainingRun:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
+        if cfg.batch_size % self.world_size:
+            raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must be divisible by the "
+                              f"{self.world_size} processes; choose a multiple of {self.world_size}, e.g. "
+                              f"{cfg.batch_size - cfg.batch_size % self.world_size or self.world_size}")
         torch.manual_seed(cfg.seed)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         torch.set_flush_denormal(True)     # denormals in Adam's moments slow CPU training up to tenfold
         self.data = load_dataset(cfg.dataset, cfg.data_dir)
+        self.device = distributed.device()
         self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes, **cfg.model_args)
+        self.model.to(self.device)               # the CPU, or this process's GPU under NCCL
         self.dense_params = sum(p.numel() for p in self.model.parameters())
         if cfg.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         else:
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                              weight_decay=cfg.weight_decay)
-        self.controller = OIALR(self.model, self.optimizer, cfg.oialr) if cfg.method == "oialr" else None
-        self.tracker = None if cfg.stability_every is None else StabilityTracker(
+        wrap = distributed.ddp if self.world_size > 1 else None
+        self.controller = OIALR(self.model, self.optimizer, cfg.oialr, wrap=wrap) if cfg.method == "oialr" else None
+        self._net = self.model if wrap is None or self.controller is not None else wrap(self.model)
+        self.tracker = None if cfg.stability_every is None or self.rank != 0 else StabilityTracker(
             self.model, every=cfg.stability_every, cutoff=cfg.oialr.cutoff, mixing=True)
         images = len(self.data.input_shape) == 3
-        self.train_loader = Loader(self.data.train.x, self.data.train.y, cfg.batch_size, shuffle=True,
-                                   drop_last=True, augment=cfg.augment and images, pad_value=self.data.pad_value,
-                                   seed=cfg.seed, rank=self.rank, world_size=self.world_size)
-        self.test_loader = Loader(self.data.test.x, self.data.test.y, 1000, shuffle=False)
+        self.train_loader = Loader(self.data.train.x, self.data.train.y, cfg.batch_size // self.world_size,
+                                   shuffle=True, drop_last=True, augment=cfg.augment and images,
+                                   pad_value=self.data.pad_value, seed=cfg.seed, rank=self.rank,
+                                   world_size=self.world_size)
+        shard = slice(self.rank, None, self.world_size)            # every world_size-th test sample
+        self.test_loader = Loader(self.data.test.x[shard], self.data.test.y[shard], 1000, shuffle=False)
         self.total_steps = cfg.epochs * len(self.train_loader)
         self.lr_warmup_steps = round(cfg.lr_warmup_epochs * len(self.train_loader))
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+
+    @property
+    def net(self) -> nn.Module:
+        """The module the training step calls: the DDP wrapper under torch.distributed (the controller's, rebuilt
+        when parameter shapes change), else the model itself."""
+        return self.controller.wrapped_model if self.controller is not None else self._net
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -95,8 +116,11 @@ class TrainingRun:
         }
 
     def save_checkpoint(self) -> str:
+        """Rank 0 writes ``out/checkpoint.pt`` atomically; the other processes wait for it."""
         path = os.path.join(self.out, CHECKPOINT)
-        files.save_torch(path, self.state_dict())
+        if self.rank == 0:
+            files.save_torch(path, self.state_dict())
+        distributed.barrier()
         return path
 
     def load_checkpoint(self, state: dict[str, Any]) -> None:
@@ -142,9 +166,10 @@ class TrainingRun:
                 continue
             self._train_step(x, y)
             self.batch_in_epoch = i + 1
-            if self._stop_signal is not None:
+            signum = int(distributed.all_reduce([self._stop_signal or 0], op="max")[0])   # one stop step for all
+            if signum:
                 self.train_seconds += time.perf_counter() - start
-                raise Interrupted(self._stop_signal, self.step, self.save_checkpoint())
+                raise Interrupted(signum, self.step, self.save_checkpoint())
         self.train_seconds += time.perf_counter() - start
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -152,7 +177,8 @@ class TrainingRun:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(x)
+        x, y = x.to(self.device), y.to(self.device)
+        logits = self.net(x)
         loss = self.loss_fn(logits, y)
         loss.backward()
         if self.cfg.grad_clip is not None:
@@ -169,29 +195,34 @@ class TrainingRun:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """Test loss (plain cross-entropy) and top-1 accuracy; advances no schedule."""
+        """Test loss (plain cross-entropy) and top-1 accuracy; advances no schedule. Distributed: each process
+        evaluates its shard with rank 0's buffers (BatchNorm statistics), the sums are all-reduced."""
+        distributed.broadcast_(list(self.model.buffers()))
         self.model.eval()
         loss, correct = 0.0, 0
         for x, y in self.test_loader:
+            x, y = x.to(self.device), y.to(self.device)
             logits = self.model(x)
             loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
         self.model.train()
-        n = self.test_loader.num_samples
+        loss, correct, n = distributed.all_reduce([loss, correct, self.test_loader.num_samples])
         return loss / n, correct / n
 
     def _end_of_epoch(self) -> None:
         test_loss, top1 = self.evaluate()
-        seen = max(self._sums["seen"], 1)
+        loss, correct, seen = distributed.all_reduce([self._sums[k] for k in ("loss", "correct", "seen")])
+        seen = max(seen, 1)
         row = {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
-               "train_loss": self._sums["loss"] / seen, "train_top1": self._sums["correct"] / seen,
+               "train_loss": loss / seen, "train_top1": correct / seen,
                "test_loss": test_loss, "test_top1": top1, "train_seconds": self.train_seconds,
                **self._param_stats()}
         self.metrics.append(row)
-        files.write_jsonl(os.path.join(self.out, "metrics.jsonl"), self.metrics)
-        files.write_csv(os.path.join(self.out, "metrics.csv"), [
-            {k: v for k, v in r.items() if k != "ranks"} for r in self.metrics])
-        self._tensorboard(row)
+        if self.rank == 0:
+            files.write_jsonl(os.path.join(self.out, "metrics.jsonl"), self.metrics)
+            files.write_csv(os.path.join(self.out, "metrics.csv"), [
+                {k: v for k, v in r.items() if k != "ranks"} for r in self.metrics])
+            self._tensorboard(row)
         if self.tracker is not None:
             self.tracker.write_jsonl(os.path.join(self.out, "stability.jsonl"))
             self.tracker.write_csv(os.path.join(self.out, "stability.csv"))
@@ -215,8 +246,8 @@ class TrainingRun:
             from tqdm import tqdm
         except ImportError:
             return loader
-        return tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False, disable=None,
-                    initial=0, dynamic_ncols=True)
+        return tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False,
+                    disable=None if self.rank == 0 else True, initial=0, dynamic_ncols=True)
 
     def _tensorboard(self, row: dict) -> None:
         if not hasattr(self, "_writer"):
@@ -242,7 +273,8 @@ class TrainingRun:
             "trainable_params": final.get("trainable_params"), "dense_params": self.dense_params,
             "stored_params": final.get("stored_params"),
             "train_seconds": self.train_seconds,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "peak_rss_mb": distributed.all_reduce(      # the largest process
+                [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], op="max")[0],
             "world_size": self.world_size,
             "transition_step": summary["transition_step"] if summary else None,
             "transition_reason": summary["transition_reason"] if summary else None,
@@ -250,6 +282,12 @@ class TrainingRun:
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "config": self.cfg.to_dict(),
         }
+        if self.rank == 0:
+            self._write_results(results)
+        distributed.barrier()
+        return results
+
+    def _write_results(self, results: dict[str, Any]) -> None:
         files.write_json(os.path.join(self.out, "results.json"), results)
         if self.tracker is not None:
             files.write_json(os.path.join(self.out, "spectra.json"), self.spectra())
@@ -258,8 +296,6 @@ class TrainingRun:
             plot_run(self.metrics, self.out)
         except ImportError as err:
             self.log(f"plots skipped ({err}); pip install matplotlib")
-        return results
-
 
     @torch.no_grad()
     def spectra(self) -> dict[str, list[float]]:
@@ -293,7 +329,7 @@ def start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, *, log=prin
     run = TrainingRun(saved, out, log=log)
     run.setup()
     run.load_checkpoint(state)
-    log(f"resumed {out} at epoch {run.epoch}, step {run.step}")
+    run.log(f"resumed {out} at epoch {run.epoch}, step {run.step}")
     return run
 
 
