@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from .. import OIALR, StabilityTracker, distributed, files
-from ..stability import weight_matrix
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, build_config
 from .data import Loader, load_dataset
 from .models import build_model
+from .reporting import RunFiles, param_stats, progress
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -137,6 +137,7 @@ class TrainingRun:
     # ------------------------------------------------------------------ training
     def train(self) -> dict[str, Any]:
         """Train the remaining epochs; returns the results dict (also written to ``out/results.json``)."""
+        self.files = RunFiles(self.out, first_epoch=self.epoch)
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.epoch < self.cfg.epochs:
@@ -161,7 +162,8 @@ class TrainingRun:
         self.train_loader.set_epoch(self.epoch)
         self._sums = {"loss": 0.0, "correct": 0, "seen": 0}
         start = time.perf_counter()
-        for i, (x, y) in enumerate(self._progress(self.train_loader)):
+        batches = progress(self.train_loader, f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.rank == 0)
+        for i, (x, y) in enumerate(batches):
             if i < self.batch_in_epoch:            # resumed mid-epoch: these batches were already trained
                 continue
             self._train_step(x, y)
@@ -216,50 +218,13 @@ class TrainingRun:
         row = {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                "train_loss": loss / seen, "train_top1": correct / seen,
                "test_loss": test_loss, "test_top1": top1, "train_seconds": self.train_seconds,
-               **self._param_stats()}
+               **param_stats(self.model, self.controller and self.controller.summary(), self.dense_params)}
         self.metrics.append(row)
         if self.rank == 0:
-            files.write_jsonl(os.path.join(self.out, "metrics.jsonl"), self.metrics)
-            files.write_csv(os.path.join(self.out, "metrics.csv"), [
-                {k: v for k, v in r.items() if k != "ranks"} for r in self.metrics])
-            self._tensorboard(row)
-        if self.tracker is not None:
-            self.tracker.write_jsonl(os.path.join(self.out, "stability.jsonl"))
-            self.tracker.write_csv(os.path.join(self.out, "stability.csv"))
+            self.files.end_of_epoch(self.metrics, self.tracker)
         self.save_checkpoint()
         self.log(f"epoch {self.epoch:3d}/{self.cfg.epochs}  loss {row['train_loss']:.4f}  test top1 {top1:.4f}  "
                  f"trainable {row['trainable_fraction']:.1%}  phase {row['phase']}  {self.train_seconds:.0f}s")
-
-    def _param_stats(self) -> dict[str, Any]:
-        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        stored = sum(p.numel() for p in self.model.parameters())
-        summary = self.controller.summary() if self.controller is not None else None
-        return {
-            "phase": summary["phase"] if summary else "full-rank",
-            "trainable_params": trainable, "stored_params": stored,
-            "trainable_fraction": trainable / self.dense_params, "stored_fraction": stored / self.dense_params,
-            "ranks": {n: layer["rank"] for n, layer in summary["layers"].items()} if summary else {},
-        }
-
-    def _progress(self, loader):
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            return loader
-        return tqdm(loader, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False,
-                    disable=None if self.rank == 0 else True, initial=0, dynamic_ncols=True)
-
-    def _tensorboard(self, row: dict) -> None:
-        if not hasattr(self, "_writer"):
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._writer = SummaryWriter(os.path.join(self.out, "tensorboard"), purge_step=self.epoch)
-            except ImportError:
-                self._writer = None
-        if self._writer is not None:
-            for key in ("train_loss", "train_top1", "test_loss", "test_top1", "lr", "trainable_fraction"):
-                self._writer.add_scalar(key, row[key], row["epoch"])
-            self._writer.flush()
 
     # ------------------------------------------------------------------ results
     def results(self) -> dict[str, Any]:
@@ -283,26 +248,9 @@ class TrainingRun:
             "config": self.cfg.to_dict(),
         }
         if self.rank == 0:
-            self._write_results(results)
+            self.files.final(results, self.metrics, self.model, self.tracker, self.log)
         distributed.barrier()
         return results
-
-    def _write_results(self, results: dict[str, Any]) -> None:
-        files.write_json(os.path.join(self.out, "results.json"), results)
-        if self.tracker is not None:
-            files.write_json(os.path.join(self.out, "spectra.json"), self.spectra())
-        try:
-            from .plots import plot_run
-            plot_run(self.metrics, self.out)
-        except ImportError as err:
-            self.log(f"plots skipped ({err}); pip install matplotlib")
-
-    @torch.no_grad()
-    def spectra(self) -> dict[str, list[float]]:
-        """Singular values of every tracked layer now (descending), for the spectrum plot."""
-        return {name: torch.linalg.svdvals(weight_matrix(self.model, name).double()).tolist()
-                for name in self.tracker.layers}
-
 
 def start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, *, log=print) -> TrainingRun:
     """A ready :class:`TrainingRun`: new (``out`` must not hold one) or restored from ``out/checkpoint.pt``.
@@ -319,7 +267,6 @@ def start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, *, log=prin
     if not os.path.exists(path):
         raise ConfigError(f"nothing to resume: {path} does not exist; start the run without --resume")
     state = torch.load(path, map_location="cpu", weights_only=True)
-    from .config import build_config
     saved = build_config(state["config"])
     if cfg is not None and cfg != saved:
         diffs = [f"{k}: saved {v!r}, given {cfg.to_dict()[k]!r}" for k, v in saved.to_dict().items()
