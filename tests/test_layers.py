@@ -7,10 +7,10 @@ from oialr import LowRankConv, LowRankLinear
 from oialr.convert import convert_layer
 
 
-@pytest.fixture(params=["factored", "dense"])
+@pytest.fixture(params=base.PATHS)
 def path(request, monkeypatch):
     """Run a test once on each forward path by forcing the cost model's answer."""
-    monkeypatch.setattr(base, "factored_is_cheaper", lambda *a: request.param == "factored")
+    monkeypatch.setattr(base, "forward_path", lambda *a: request.param)
     return request.param
 
 
@@ -88,22 +88,31 @@ def test_conv_full_rank_equivalence(path, conv):
     torch.testing.assert_close(dense(x), expected, atol=1e-5, rtol=1e-4)
 
 
-def test_truncated_conv_factored_and_dense_paths_agree(monkeypatch):
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(6, 10, 3, padding=1), lambda: nn.Linear(9, 12)])
+def test_truncated_paths_agree_in_values_and_gradients(monkeypatch, make):
     from oialr import OIALRConfig
-    model = nn.Sequential(nn.Conv2d(6, 10, 3, padding=1))
+    model = nn.Sequential(make())
     convert_layer(model, "0", config=OIALRConfig(cutoff=0.0, rank_fraction=0.3))
-    assert model[0].rank == 3                          # ceil(0.3 · min(10, 54))
-    x = torch.randn(2, 6, 7, 7)
-    monkeypatch.setattr(base, "factored_is_cheaper", lambda *a: True)
-    factored = model(x)
-    monkeypatch.setattr(base, "factored_is_cheaper", lambda *a: False)
-    torch.testing.assert_close(model(x), factored, atol=1e-5, rtol=1e-4)
+    layer = model[0]
+    assert layer.rank == 3                                            # ceil(0.3 · min(m, n))
+    x = torch.randn(2, 6, 7, 7) if isinstance(layer, LowRankConv) else torch.randn(4, 5, 9)
+    results = {}
+    for name in base.PATHS:
+        monkeypatch.setattr(base, "forward_path", lambda *a, name=name: name)
+        layer.lowrank_S.grad = None
+        out = model(x)
+        out.square().sum().backward()
+        results[name] = (out.detach(), layer.lowrank_S.grad.clone())
+    for name in ("merged", "dense"):
+        torch.testing.assert_close(results[name][0], results["chain"][0], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(results[name][1], results["chain"][1], atol=1e-4, rtol=1e-4)
 
 
-def test_cost_model_prefers_factored_only_when_cheaper():
-    assert base.factored_is_cheaper(tokens=1024, m=512, n=512, r=64)
-    assert not base.factored_is_cheaper(tokens=1024, m=512, n=512, r=400)   # r(m+n) > m·n
-    assert base.factored_is_cheaper(tokens=1, m=512, n=512, r=400)           # rebuilding W dominates
+def test_cost_model_picks_each_path_where_it_is_cheapest():
+    assert base.forward_path(tokens=1024, m=512, n=512, r=64) == "chain"      # r < n / 3
+    assert base.forward_path(tokens=8192, m=512, n=512, r=300) == "merged"    # n / 3 < r, r(m + n) below m·n
+    assert base.forward_path(tokens=1024, m=512, n=512, r=400) == "dense"     # r(m + n) > m·n
+    assert base.forward_path(tokens=1, m=512, n=512, r=400) == "chain"        # rebuilding W dominates
 
 
 def test_set_factors_keeps_parameter_objects_when_shape_is_unchanged():

@@ -5,17 +5,27 @@ import torch
 from torch import Tensor, nn
 
 
-def factored_is_cheaper(tokens: int, m: int, n: int, r: int) -> bool:
-    """Cost model (multiply-adds of the forward pass) choosing between the two ways to apply ``W = U Σ Vᵀ``.
+PATHS = ("chain", "merged", "dense")
 
-    factored: ``x (Σ Vᵀ)ᵀ`` then ``· Uᵀ``  = tokens·r·(n + m) + n·r²
-    dense:    rebuild ``W`` (:func:`rebuild`), then ``x Wᵀ``  = tokens·m·n + min(m, n)·r² + m·r·n
+
+def forward_path(tokens: int, m: int, n: int, r: int) -> str:
+    """The cheapest way to apply ``W = U Σ Vᵀ`` (``m×n``, rank ``r``) to ``tokens`` rows, by multiply-adds of the
+    forward and backward passes together (backward: the input gradient and ``Σ``'s gradient; ``U``, ``V`` have none).
+
+    ``"chain"``   ``h = x V``, ``h ← h Σᵀ``, ``y = h Uᵀ``: tokens·r·(2m + 2n + 3r). Saves only ``h (tokens×r)``
+                  for the backward pass (``x`` is not kept), so activation memory falls with ``r`` too.
+    ``"merged"``  ``h = x (Σ Vᵀ)ᵀ``, ``y = h Uᵀ``: tokens·r·(2m + 3n) + 2·n·r². Cheaper than the chain for
+                  ``r > n / 3``; keeps ``x``.
+    ``"dense"``   rebuild ``W`` (:func:`rebuild`), ``y = x Wᵀ``: 3·tokens·m·n + 2·(m·r·n + min(m, n)·r²), the published
+                  code's way; cheapest when ``r·(m + n)`` approaches ``m·n``.
     ``tokens`` is the number of rows the layer is applied to (batch × sequence, or batch × output positions).
-    The backward pass costs about twice the forward on either path, so the forward decides.
     """
-    factored = tokens * r * (n + m) + n * r * r
-    dense = tokens * m * n + min(m, n) * r * r + m * r * n
-    return factored < dense
+    costs = {
+        "chain": tokens * r * (2 * m + 2 * n + 3 * r),
+        "merged": tokens * r * (2 * m + 3 * n) + 2 * n * r * r,
+        "dense": 3 * tokens * m * n + 2 * (m * r * n + min(m, n) * r * r),
+    }
+    return min(PATHS, key=costs.__getitem__)
 
 
 def rebuild(U: Tensor, S: Tensor, V: Tensor) -> Tensor:
@@ -65,10 +75,10 @@ class LowRankLayer(nn.Module):
         """``W = U Σ Vᵀ`` as an ``m×n`` matrix (differentiable in ``Σ``)."""
         return rebuild(self.lowrank_U, self.lowrank_S, self.lowrank_V)
 
-    def use_factored(self, tokens: int, rows: int | None = None) -> bool:
-        """Whether the factored path is cheaper for ``tokens`` input rows (and ``rows`` of the ``m`` outputs)."""
+    def path(self, tokens: int, rows: int | None = None) -> str:
+        """:func:`forward_path` for ``tokens`` input rows (and ``rows`` of the ``m`` outputs)."""
         m, n = self.matrix_shape
-        return factored_is_cheaper(tokens, m if rows is None else rows, n, self.rank)
+        return forward_path(tokens, m if rows is None else rows, n, self.rank)
 
     @torch.no_grad()
     def set_factors(self, U: Tensor, S: Tensor, V: Tensor) -> None:

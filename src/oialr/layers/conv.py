@@ -14,9 +14,12 @@ _CONV = {1: (F.conv1d, nn.Conv1d), 2: (F.conv2d, nn.Conv2d), 3: (F.conv3d, nn.Co
 class LowRankConv(LowRankLayer):
     """Convolution with kernel ``K (c_out, c_in, *k)`` where ``K.view(c_out, c_in·Πk) = U Σ Vᵀ``.
 
-    Factored path: a conv with the ``r`` kernels ``Σ Vᵀ`` viewed as ``(r, c_in, *k)`` (the original stride, padding,
-    dilation), then a 1×1 conv with ``U`` viewed as ``(c_out, r, 1, ...)`` plus the bias. Dense path: rebuild ``K``.
-    The cheaper path is chosen per call from the number of output positions (:func:`factored_is_cheaper`).
+    Per call, the cheapest of (:func:`forward_path`, from the number of output positions)::
+
+        chain   a conv with the ``r`` kernels ``Vᵀ`` viewed as ``(r, c_in, *k)`` (the original stride, padding,
+                dilation), a 1×1 conv with ``Σ``, a 1×1 conv with ``U`` viewed as ``(c_out, r, 1, ...)`` plus the bias
+        merged  the same with the kernels ``Σ Vᵀ`` and no middle conv
+        dense   the conv with the rebuilt kernel ``K``
     ``bias`` is the original layer's Parameter object.
     """
 
@@ -59,11 +62,17 @@ class LowRankConv(LowRankLayer):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        if self.use_factored(self._output_positions(x, padding)):
-            first = (self.lowrank_S @ self.lowrank_V.mT).view(self.rank, self.in_channels, *self.kernel_size)
-            h = conv(x, first, None, self.stride, padding, self.dilation)                        # (N, r, *out)
-            return conv(h, self.lowrank_U.view(*self.lowrank_U.shape, *(1,) * dims), self.bias)  # (N, c_out, *out)
-        return conv(x, self.weight, self.bias, self.stride, padding, self.dilation)
+        U, S, V = self.lowrank_U, self.lowrank_S, self.lowrank_V
+        path = self.path(self._output_positions(x, padding))
+        if path == "dense":
+            return conv(x, self.weight, self.bias, self.stride, padding, self.dilation)
+        point = (1,) * dims                                                                  # 1×1 kernels
+        first = S @ V.mT if path == "merged" else V.mT                                       # (r, c_in·Πk)
+        h = conv(x, first.reshape(self.rank, self.in_channels, *self.kernel_size), None, self.stride, padding,
+                 self.dilation)                                                              # (N, r, *out)
+        if path == "chain":
+            h = conv(h, S.view(*S.shape, *point))                                            # Σ across channels
+        return conv(h, U.view(*U.shape, *point), self.bias)                                  # (N, c_out, *out)
 
     def to_dense(self) -> nn.Conv1d:
         """The matching ``nn.ConvNd`` with kernel ``U Σ Vᵀ`` and this layer's bias Parameter."""

@@ -10,8 +10,12 @@ from .base import LowRankLayer, rebuild
 class LowRankLinear(LowRankLayer):
     """``y = x Wᵀ + b`` with ``W (out×in) = U Σ Vᵀ``; ``U (out×r)``, ``Σ (r×r)``, ``V (in×r)``.
 
-    Factored path: ``h = x V Σᵀ`` (one matmul with ``Σ Vᵀ (r×in)``), ``y = h Uᵀ + b``; dense path: rebuild ``W``.
-    The cheaper path is chosen per call from the number of rows of ``x`` (:func:`factored_is_cheaper`).
+    Per call, the cheapest of (:func:`forward_path`, from the number of rows of ``x``)::
+
+        chain   h = x V  (…, r);  h ← h Σᵀ;  y = h Uᵀ + b
+        merged  h = x (Σ Vᵀ)ᵀ  (…, r);  y = h Uᵀ + b
+        dense   y = x (U Σ Vᵀ)ᵀ + b
+
     ``bias`` is the original layer's Parameter object, so it stays in the optimizer and keeps training.
     """
 
@@ -33,11 +37,14 @@ class LowRankLinear(LowRankLayer):
         """Output features ``rows`` only: ``x (U[rows] Σ Vᵀ)ᵀ + b[rows]`` (used for attention's q/k/v slices)."""
         U = self.lowrank_U[rows]
         bias = None if self.bias is None else self.bias[rows]
-        tokens = x.numel() // max(x.shape[-1], 1)
-        if self.use_factored(tokens, rows=U.shape[0]):
-            h = F.linear(x, self.lowrank_S @ self.lowrank_V.mT)     # (..., r)
+        S, V = self.lowrank_S, self.lowrank_V
+        path = self.path(x.numel() // max(x.shape[-1], 1), rows=U.shape[0])
+        if path == "chain":
+            h = F.linear(F.linear(x, V.mT), S)                      # (..., r)
             return F.linear(h, U, bias)                             # (..., out)
-        return F.linear(x, rebuild(U, self.lowrank_S, self.lowrank_V), bias)
+        if path == "merged":
+            return F.linear(F.linear(x, S @ V.mT), U, bias)
+        return F.linear(x, rebuild(U, S, V), bias)
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with weight ``U Σ Vᵀ`` and this layer's bias Parameter."""
