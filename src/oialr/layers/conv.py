@@ -17,9 +17,12 @@ class LowRankConv(LowRankLayer):
     Per call, the cheapest of (:func:`forward_path`, from the number of output positions)::
 
         chain   a conv with the ``r`` kernels ``Vᵀ`` viewed as ``(r, c_in, *k)`` (the original stride, padding,
-                dilation), a 1×1 conv with ``Σ``, a 1×1 conv with ``U`` viewed as ``(c_out, r, 1, ...)`` plus the bias
-        merged  the same with the kernels ``Σ Vᵀ`` and no middle conv
+                dilation), then a 1×1 conv with ``U Σ`` viewed as ``(c_out, r, 1, ...)`` plus the bias
+        merged  a conv with the kernels ``Σ Vᵀ``, then a 1×1 conv with ``U``
         dense   the conv with the rebuilt kernel ``K``
+    (Unlike a matmul, a convolution keeps its input for the backward pass even when its kernel is frozen, so ``Σ`` is
+    folded into one of the two convolutions: the factored paths keep ``x`` and ``h (N, r, *out)``, never a third
+    tensor. Their multiply-adds differ from the Linear paths' by ``O(r²·(m + n))``, which the cost model ignores.)
     ``bias`` is the original layer's Parameter object.
     """
 
@@ -66,13 +69,10 @@ class LowRankConv(LowRankLayer):
         path = self.path(self._output_positions(x, padding))
         if path == "dense":
             return conv(x, self.weight, self.bias, self.stride, padding, self.dilation)
-        point = (1,) * dims                                                                  # 1×1 kernels
-        first = S @ V.mT if path == "merged" else V.mT                                       # (r, c_in·Πk)
+        first, last = (V.mT, U @ S) if path == "chain" else (S @ V.mT, U)                    # (r, c_in·Πk), (m, r)
         h = conv(x, first.reshape(self.rank, self.in_channels, *self.kernel_size), None, self.stride, padding,
                  self.dilation)                                                              # (N, r, *out)
-        if path == "chain":
-            h = conv(h, S.view(*S.shape, *point))                                            # Σ across channels
-        return conv(h, U.view(*U.shape, *point), self.bias)                                  # (N, c_out, *out)
+        return conv(h, last.reshape(*last.shape, *(1,) * dims), self.bias)                   # (N, c_out, *out)
 
     def to_dense(self) -> nn.Conv1d:
         """The matching ``nn.ConvNd`` with kernel ``U Σ Vᵀ`` and this layer's bias Parameter."""
