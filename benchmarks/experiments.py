@@ -83,6 +83,8 @@ def write_report(grid: dict, grid_path: str) -> str:
              "## Groups", ""]
     lines += [f"- `{group}`: `{' '.join(flatten(settings)) or '(base config)'}`"
               for group, settings in grid["groups"].items()]
+    if grid.get("notes"):
+        lines += ["", "## Notes", "", grid["notes"].strip()]
     text = "\n".join(lines) + "\n"
     files.write_text(os.path.join(ROOT, grid["report"]), text)
     return text

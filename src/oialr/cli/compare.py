@@ -21,14 +21,17 @@ def load_results(run_dir: str) -> dict:
 
 def compare_table(run_dirs: list[str]) -> str:
     """One row per run: top-1, best top-1, trainable and stored parameters (% of dense), time, peak memory."""
-    header = ("run", "method", "model", "top1", "best top1", "trainable %", "stored %", "train s", "peak MB")
+    header = ("run", "method", "model", "top1", "best top1", "trainable %", "stored %", "switched at step",
+              "train s", "peak MB")
     rows = []
     for run_dir in run_dirs:
         r = load_results(run_dir)
         dense = r["dense_params"]
         rows.append((os.path.basename(os.path.normpath(run_dir)), r["method"], r["model"], f"{r['top1']:.4f}",
                      f"{r['best_top1']:.4f}", f"{100 * r['trainable_params'] / dense:.1f}",
-                     f"{100 * r['stored_params'] / dense:.1f}", f"{r['train_seconds']:.1f}",
+                     f"{100 * r['stored_params'] / dense:.1f}",
+                     "—" if r.get("transition_step") is None else str(r["transition_step"]),
+                     f"{r['train_seconds']:.1f}",
                      f"{r['peak_rss_mb']:.0f}"))
     return _markdown(header, rows)
 
