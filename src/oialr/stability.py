@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import files, linalg
-from .convert import weight_layers
+from .convert import _CONVS, weight_layers
 from .layers import LowRankLayer
 from .stability_rule import PlateauRule
 
@@ -24,7 +24,6 @@ __all__ = ["basis_stability", "layer_names", "weight_matrix", "spectrum_stats", 
 STATE_VERSION = 1
 NETWORK_ROWS = ("network:mean", "network:weighted")     # the `layer` of the network rows in write_csv
 CSV_FIELDS = ("step", "layer", "rows", "cols", "stability", "sigma_max", "effective_rank", "rank_at_cutoff", "mixing")
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _MHA_INPUTS = ("in_proj", "q_proj", "k_proj", "v_proj")
 _CHUNK_ELEMENTS = 2 ** 24           # at most this many float64 weight entries (128 MiB) go through one batched eigh
 
