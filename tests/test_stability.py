@@ -287,7 +287,7 @@ def test_state_dict_round_trip():
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
 
     model = transformer()
-    tracker = StabilityTracker(model, every=2, mixing=True)
+    tracker = StabilityTracker(model, every=2, mixing=True, lag=2)
     for step in range(4):
         perturb(model, step), tracker.step()
     buffer = io.BytesIO()
@@ -297,14 +297,39 @@ def test_state_dict_round_trip():
     saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
     resumed_model = transformer()
     resumed_model.load_state_dict(saved["model"])
-    resumed = StabilityTracker(resumed_model, every=2, mixing=True)
+    resumed = StabilityTracker(resumed_model, every=2, mixing=True, lag=2)
     resumed.load_state_dict(saved["tracker"])
     assert resumed.step_count == 4 and len(resumed.records) == 2
     for step in range(4, 8):
         perturb(resumed_model, step), resumed.step()
     assert resumed.records == tracker.records
-    with pytest.raises(ValueError, match="(?s)other settings.*\n  every: saved 2, here 3"):
+    assert resumed.records[-1]["layers"][resumed.layers[0]]["stability"] is not None
+    with pytest.raises(ValueError, match="(?s)other settings.*\n  every: saved 2, here 3\n  lag: saved 2, here 1"):
         StabilityTracker(model, every=3, mixing=True).load_state_dict(saved["tracker"])
+
+
+def test_lag_compares_with_the_sample_lag_samples_back():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 4))
+    tracker = StabilityTracker(model, every=2, lag=3, mixing=True)
+    weights, records = [], []
+    for _ in range(12):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.2 * torch.randn_like(p))
+        record = tracker.step()
+        if record is not None:
+            weights.append({name: weight_matrix(model, name).clone() for name in tracker.layers})
+            records.append(record)
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12] and {r["lag_steps"] for r in records} == {6}
+    assert all(r["network_stability"] is None and r["layers"]["0"]["mixing"] is None for r in records[:3])
+    for k in range(3, 6):
+        for name in tracker.layers:
+            expected = basis_stability(weights[k - 3][name], weights[k][name])
+            assert records[k]["layers"][name]["stability"] == pytest.approx(expected, abs=1e-6)
+    assert all(len(tracker._q[name]) == 3 for name in tracker.layers)     # memory: `lag` snapshots per layer
+    with pytest.raises(ValueError, match=r"lag must be an integer >= 1"):
+        StabilityTracker(model, lag=0)
 
 
 # ---------------------------------------------------------------------------------------------------- the rule

@@ -21,7 +21,7 @@ from .stability_rule import PlateauRule
 
 __all__ = ["basis_stability", "layer_names", "weight_matrix", "spectrum_stats", "StabilityTracker", "PlateauRule"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 NETWORK_ROWS = ("network:mean", "network:weighted")     # the `layer` of the network rows in write_csv
 CSV_FIELDS = ("step", "layer", "rows", "cols", "stability", "sigma_max", "effective_rank", "rank_at_cutoff", "mixing")
 _MHA_INPUTS = ("in_proj", "q_proj", "k_proj", "v_proj")
@@ -136,19 +136,21 @@ class StabilityTracker:
 
     At steps ``every, 2·every, …`` (counted in ``step()`` calls; forward passes and evaluation advance nothing) each
     tracked weight, as a tall matrix ``W (m×n)``, gives ``Q`` and ``s`` (:func:`oialr.linalg.polar_factor`, one
-    batched float64 ``eigh`` per weight shape) and a record ``{"step", "network_stability", "weighted_stability",
-    "layers": {name: {...}}}`` with, per layer, its ``shape`` (``out × rest``) and
+    batched float64 ``eigh`` per weight shape) and a record ``{"step", "lag_steps", "network_stability",
+    "weighted_stability", "layers": {name: {...}}}`` with, per layer, its ``shape`` (``out × rest``) and
 
-        stability       tr(Q_prevᵀ Q) / n against the previous sample (/ rank if rank-deficient, see
-                        :func:`basis_stability`); None at the first sample (nothing to compare)
+        stability       tr(Q_prevᵀ Q) / n against the sample ``lag`` samples earlier, ``lag·every`` steps back
+                        (/ rank if rank-deficient, see :func:`basis_stability`); None at the first ``lag`` samples
         sigma_max, effective_rank, rank_at_cutoff       see :func:`spectrum_stats`
-        mixing          (``mixing=True``) ‖R − R_prev‖_F / ‖R_prev‖_F for W = QR, diag R >= 0; None at the first sample
+        mixing          (``mixing=True``) ‖R − R_prev‖_F / ‖R_prev‖_F for W = QR, diag R >= 0, same ``R_prev``
 
     and, over the layers that have a stability, their mean and their mean weighted by ``m·n`` (None when none has).
     A layer with non-finite weights gets None everywhere and a fresh start. Layers: ``layers`` (names from
     :func:`layer_names`), by default every trainable one. Names are resolved against ``model`` at each sample
     (:func:`weight_matrix`), so modules replaced by OIALR's transition keep their series (measured as ``U Σ Vᵀ``).
-    Memory: a float32 ``Q (m×n)`` per layer (plus ``R (n×n)`` with ``mixing``), so stability is exact to ~1e-7
+    Samples close together show stability as a speed (near 1 from the start, following the learning rate); a larger
+    ``lag`` compares bases further apart at the same sampling cost. Memory: ``lag`` float32 ``Q (m×n)`` per layer
+    (plus as many ``R (n×n)`` with ``mixing``), so stability is exact to ~1e-7
     (clamped to ``[-1, 1]``). Time per sample: ``4·m·n²`` float64 flops plus an ``n×n`` ``eigh`` per layer, about
     ``4·n / B`` training steps for an ``n×n`` layer trained on ``B`` rows (tokens) per step. At ``every=50`` that is
     0.6% of the training time of a width-256 transformer at 3.6k tokens per step, but ~35% for a width-512 MLP at
@@ -156,7 +158,7 @@ class StabilityTracker:
     """
 
     def __init__(self, model: nn.Module, every: int = 50, cutoff: float = 0.1, mixing: bool = False,
-                 layers: list[str] | None = None) -> None:
+                 layers: list[str] | None = None, lag: int = 1) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         errors = []
@@ -164,6 +166,8 @@ class StabilityTracker:
             errors.append(f"every must be an integer >= 1 (optimizer steps between samples), got {every!r}")
         if not (isinstance(cutoff, (int, float)) and not isinstance(cutoff, bool) and 0.0 <= cutoff < 1.0):
             errors.append(f"cutoff must be a number in [0, 1) (as OIALRConfig.cutoff), got {cutoff!r}")
+        if not (isinstance(lag, int) and not isinstance(lag, bool) and lag >= 1):
+            errors.append(f"lag must be an integer >= 1 (samples between the two compared snapshots), got {lag!r}")
         if not isinstance(mixing, bool):
             errors.append(f"mixing must be True or False, got {mixing!r}")
         available = layer_names(model)
@@ -179,12 +183,12 @@ class StabilityTracker:
             errors.append(f"no weight matrix to track (layers found: {available}); pass layers=[...] to choose some")
         if errors:
             raise ValueError("invalid StabilityTracker:\n  " + "\n  ".join(errors))
-        self.model, self.every, self.cutoff, self.mixing = model, every, float(cutoff), mixing
+        self.model, self.every, self.cutoff, self.mixing, self.lag = model, every, float(cutoff), mixing, lag
         self.layers: list[str] = list(layers)
         self.step_count = 0
         self.records: list[dict[str, Any]] = []
-        self._q: dict[str, Tensor] = {}       # polar factor at the last sample, float32 (m×n)
-        self._r: dict[str, Tensor] = {}       # R of W = QR at the last sample, float32 (n×n), with mixing
+        self._q: dict[str, list[Tensor]] = {}   # polar factors of the last `lag` samples, oldest first, float32 (m×n)
+        self._r: dict[str, list[Tensor]] = {}   # R of W = QR at the same samples, float32 (n×n), with mixing
 
     def step(self) -> dict[str, Any] | None:
         """Advance one optimizer step; at every ``every``-th step, sample and return the new record."""
@@ -221,6 +225,7 @@ class StabilityTracker:
         done = [(s, w) for s, w in done if s is not None]
         record = {
             "step": self.step_count,
+            "lag_steps": self.lag * self.every,
             "network_stability": sum(s for s, _ in done) / len(done) if done else None,
             "weighted_stability": sum(s * w for s, w in done) / sum(w for _, w in done) if done else None,
             "layers": layers,
@@ -238,17 +243,22 @@ class StabilityTracker:
             out = layers[name]
             out["sigma_max"], out["effective_rank"], out["rank_at_cutoff"] = (
                 sigma[j].item(), erank[j].item(), int(rank[j].item()))
-            prev = self._q.get(name)
-            if prev is not None and prev.shape == q[j].shape:
+            prev = self._lagged(self._q, name, q[j])
+            if prev is not None:
                 out["stability"] = _alignment(prev.to(q), q[j])
-            self._q[name] = q[j].float()
             if r is not None:
-                prev = self._r.get(name)
-                if prev is not None and prev.shape == r[j].shape:
+                prev = self._lagged(self._r, name, r[j])
+                if prev is not None:
                     prev_norm = torch.linalg.matrix_norm(prev.to(r)).item()
                     diff = torch.linalg.matrix_norm(r[j] - prev.to(r)).item()
                     out["mixing"] = diff / prev_norm if prev_norm > 0 else None
-                self._r[name] = r[j].float()
+
+    def _lagged(self, snapshots: dict[str, list[Tensor]], name: str, now: Tensor) -> Tensor | None:
+        """Keep ``now`` as ``name``'s newest snapshot; return the one ``lag`` samples back, if it has ``now``'s shape
+        (a rank change restarts the series)."""
+        kept = [t for t in snapshots.get(name, []) if t.shape == now.shape]
+        snapshots[name] = (kept + [now.float()])[-self.lag:]
+        return kept[-self.lag] if len(kept) >= self.lag else None
 
     # ------------------------------------------------------------------ results files
     def write_jsonl(self, path: str | os.PathLike) -> None:
@@ -275,23 +285,26 @@ class StabilityTracker:
     def state_dict(self) -> dict[str, Any]:
         """Step counter, settings, records (plain values) and snapshots (tensors): ``torch.load(weights_only=True)``
         reads it back."""
-        return {"version": STATE_VERSION, "step": self.step_count, "every": self.every, "cutoff": self.cutoff,
-                "mixing": self.mixing, "layers": list(self.layers), "records": copy.deepcopy(self.records),
-                "snapshots": dict(self._q), "mixing_snapshots": dict(self._r)}
+        return {"version": STATE_VERSION, "step": self.step_count, "every": self.every, "lag": self.lag,
+                "cutoff": self.cutoff, "mixing": self.mixing, "layers": list(self.layers),
+                "records": copy.deepcopy(self.records), "snapshots": {k: list(v) for k, v in self._q.items()},
+                "mixing_snapshots": {k: list(v) for k, v in self._r.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue a saved series. The tracker must be built with the saved run's ``every``, ``cutoff``, ``mixing``
-        and layers."""
+        """Continue a saved series. The tracker must be built with the saved run's ``every``, ``lag``, ``cutoff``,
+        ``mixing`` and layers."""
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             found = state.get("version") if isinstance(state, dict) else None
             raise ValueError(f"not a StabilityTracker state dict of version {STATE_VERSION} (got a "
                              f"{type(state).__name__} with version {found!r}); pass what StabilityTracker.state_dict() "
                              "returned")
-        _check_same("StabilityTracker", {k: state[k] for k in ("every", "cutoff", "mixing", "layers")},
-                    {"every": self.every, "cutoff": self.cutoff, "mixing": self.mixing, "layers": self.layers})
+        _check_same("StabilityTracker", {k: state[k] for k in ("every", "lag", "cutoff", "mixing", "layers")},
+                    {"every": self.every, "lag": self.lag, "cutoff": self.cutoff, "mixing": self.mixing,
+                     "layers": self.layers})
         self.step_count = state["step"]
         self.records = copy.deepcopy(state["records"])
-        self._q, self._r = dict(state["snapshots"]), dict(state["mixing_snapshots"])
+        self._q = {k: list(v) for k, v in state["snapshots"].items()}
+        self._r = {k: list(v) for k, v in state["mixing_snapshots"].items()}
 
 
 def _check_same(kind: str, saved: dict[str, Any], here: dict[str, Any]) -> None:

@@ -30,7 +30,8 @@ class TrainConfig:
         ``lr_warmup_epochs``, then cosine to 0. label_smoothing; grad_clip: max gradient norm (``null`` = off).
     threads: torch intra-op threads (``null`` = torch's default). oialr: :class:`oialr.OIALRConfig` fields.
     stability_every: record every layer's basis stability every this many steps for the whole run
-        (``stability.jsonl``/``.csv``, plots by ``oialr stability DIR``); ``null`` = off.
+        (``stability.jsonl``/``.csv``, plots by ``oialr stability DIR``); ``null`` = off. stability_lag: compare each
+        sample with the one this many samples earlier (bases ``stability_lag · stability_every`` steps apart).
     """
 
     dataset: str = "mnist1d"
@@ -51,6 +52,7 @@ class TrainConfig:
     grad_clip: float | None = 5.0
     threads: int | None = None
     stability_every: int | None = None
+    stability_lag: int = 1
     oialr: OIALRConfig = field(default_factory=lambda: OIALRConfig(warmup_steps=300, update_every=60, cutoff=0.1))
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,6 +101,8 @@ def _errors(cfg: TrainConfig) -> list[str]:
     number("grad_clip", 0, allow_none=True, low_open=True)
     check(cfg.stability_every is None or (isinstance(cfg.stability_every, int) and cfg.stability_every >= 1),
           f"stability_every must be an integer >= 1 or null, got {cfg.stability_every!r}")
+    check(isinstance(cfg.stability_lag, int) and not isinstance(cfg.stability_lag, bool) and cfg.stability_lag >= 1,
+          f"stability_lag must be an integer >= 1, got {cfg.stability_lag!r}")
     check(cfg.threads is None or (isinstance(cfg.threads, int) and cfg.threads >= 1),
           f"threads must be an integer >= 1 or null, got {cfg.threads!r}")
     return errors

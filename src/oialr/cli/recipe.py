@@ -86,7 +86,7 @@ class TrainingRun:
         self.controller = OIALR(self.model, self.optimizer, cfg.oialr, wrap=wrap) if cfg.method == "oialr" else None
         self._net = self.model if wrap is None or self.controller is not None else wrap(self.model)
         self.tracker = None if cfg.stability_every is None or self.rank != 0 else StabilityTracker(
-            self.model, every=cfg.stability_every, cutoff=cfg.oialr.cutoff, mixing=True)
+            self.model, every=cfg.stability_every, cutoff=cfg.oialr.cutoff, mixing=True, lag=cfg.stability_lag)
         images = len(self.data.input_shape) == 3
         self.train_loader = Loader(self.data.train.x, self.data.train.y, cfg.batch_size // self.world_size,
                                    shuffle=True, drop_last=True, augment=cfg.augment and images,

@@ -62,10 +62,11 @@ def _plot(records: list[dict], run_dir: str, total_steps: int | None) -> None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
+    lag = f", bases {records[-1]['lag_steps']} steps apart" if "lag_steps" in records[-1] else ""
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot(steps, [_nan(r["network_stability"]) for r in records], label="mean over layers")
     ax.plot(steps, [_nan(r["weighted_stability"]) for r in records], label="parameter-weighted mean")
-    ax.set(xlabel="optimizer step", ylabel="stability  tr(Q₁ᵀQ₂)/n", title="network basis stability")
+    ax.set(xlabel="optimizer step", ylabel="stability  tr(Q₁ᵀQ₂)/n", title=f"network basis stability{lag}")
     if total_steps:
         ax.set_xlim(0, total_steps)
     ax.grid(alpha=0.3)
@@ -78,7 +79,7 @@ def _plot(records: list[dict], run_dir: str, total_steps: int | None) -> None:
     image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
                       extent=(steps[0], steps[-1], len(names) - 0.5, -0.5))
     ax.set_yticks(range(len(names)), names, fontsize=6)
-    ax.set(xlabel="optimizer step", title="basis stability per layer")
+    ax.set(xlabel="optimizer step", title=f"basis stability per layer{lag}")
     fig.colorbar(image, ax=ax)
     save_figure(fig, os.path.join(run_dir, "stability_layers.png"))
 
