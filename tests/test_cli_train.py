@@ -77,6 +77,8 @@ def test_interrupt_then_resume_is_exact(data_dir, tmp_path, monkeypatch):
     assert resumed.step == 26 and resumed.batch_in_epoch == 11
     got = resumed.train()
     assert got["top1"] == expected["top1"] and got["layers"] == expected["layers"]
+    for key in ("train_loss", "train_top1", "test_loss"):        # the interrupted epoch's sums were kept too
+        assert [m[key] for m in resumed.metrics] == pytest.approx([m[key] for m in straight.metrics], abs=1e-12)
     for (k1, v1), (k2, v2) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert k1 == k2 and torch.equal(v1, v2), k1
 

@@ -76,6 +76,7 @@ class TrainingRun:
         self.device = distributed.device()
         self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes, **cfg.model_args)
         self.model.to(self.device)               # the CPU, or this process's GPU under NCCL
+        self._reset_sums()
         self.dense_params = sum(p.numel() for p in self.model.parameters())
         if cfg.optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -109,6 +110,8 @@ class TrainingRun:
         return {
             "config": self.cfg.to_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "step": self.step, "train_seconds": self.train_seconds, "metrics": self.metrics,
+            "epoch_sums": {"loss": float(self._sums["loss"]), "correct": int(self._sums["correct"]),
+                           "seen": self._sums["seen"]},
             "controller": None if self.controller is None else self.controller.state_dict(),
             "tracker": None if self.tracker is None else self.tracker.state_dict(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -133,6 +136,7 @@ class TrainingRun:
         torch.set_rng_state(state["rng"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.train_seconds, self.metrics = state["train_seconds"], state["metrics"]
+        self._reset_sums(**state.get("epoch_sums", {}))
 
     # ------------------------------------------------------------------ training
     def train(self) -> dict[str, Any]:
@@ -160,7 +164,8 @@ class TrainingRun:
     def _train_epoch(self) -> None:
         self.model.train()
         self.train_loader.set_epoch(self.epoch)
-        self._sums = {"loss": 0.0, "correct": 0, "seen": 0}
+        if self.batch_in_epoch == 0:
+            self._reset_sums()
         start = time.perf_counter()
         batches = progress(self.train_loader, f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.rank == 0)
         for i, (x, y) in enumerate(batches):
@@ -191,9 +196,14 @@ class TrainingRun:
         if self.tracker is not None:
             self.tracker.step()
         self.step += 1
-        self._sums["loss"] += loss.item() * len(y)
-        self._sums["correct"] += (logits.argmax(1) == y).sum().item()
+        self._sums["loss"] += loss.detach() * len(y)        # summed on the device: no sync per step
+        self._sums["correct"] += (logits.argmax(1) == y).sum()
         self._sums["seen"] += len(y)
+
+    def _reset_sums(self, loss: float = 0.0, correct: int = 0, seen: int = 0) -> None:
+        """The current epoch's training loss and correct predictions, summed on the device."""
+        self._sums = {"loss": torch.tensor(loss, dtype=torch.float64, device=self.device),
+                      "correct": torch.tensor(correct, dtype=torch.int64, device=self.device), "seen": seen}
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
@@ -213,7 +223,8 @@ class TrainingRun:
 
     def _end_of_epoch(self) -> None:
         test_loss, top1 = self.evaluate()
-        loss, correct, seen = distributed.all_reduce([self._sums[k] for k in ("loss", "correct", "seen")])
+        loss, correct, seen = distributed.all_reduce([float(self._sums["loss"]), int(self._sums["correct"]),
+                                                      self._sums["seen"]])
         seen = max(seen, 1)
         row = {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                "train_loss": loss / seen, "train_top1": correct / seen,
