@@ -362,7 +362,7 @@ def test_same_seed_same_result():
 def test_load_state_dict_rejects_foreign_state():
     model = mlp()
     ctl = OIALR(model, torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match="not an OIALR state dict"):
+    with pytest.raises(ValueError, match=r"not a state dict of OIALR version 1 \(got a dict with version None\)"):
         ctl.load_state_dict({"step": 3})
     other = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
     octl = OIALR(other, torch.optim.SGD(other.parameters(), lr=0.1), OIALRConfig(warmup_steps=0))

@@ -306,6 +306,8 @@ def test_state_dict_round_trip():
     assert resumed.records[-1]["layers"][resumed.layers[0]]["stability"] is not None
     with pytest.raises(ValueError, match="(?s)other settings.*\n  every: saved 2, here 3\n  lag: saved 2, here 1"):
         StabilityTracker(model, every=3, mixing=True).load_state_dict(saved["tracker"])
+    with pytest.raises(ValueError, match=r"not a state dict of StabilityTracker version 2 \(got a dict with version 1"):
+        resumed.load_state_dict({**saved["tracker"], "version": 1})
 
 
 def test_lag_compares_with_the_sample_lag_samples_back():
@@ -384,3 +386,5 @@ def test_rule_validation_and_state():
         resumed.update(900, 0.5)
     with pytest.raises(ValueError, match="(?s)other settings.*window: saved 4, here 3"):
         PlateauRule(window=3).load_state_dict(rule.state_dict())
+    with pytest.raises(ValueError, match=r"not a state dict of PlateauRule version 1 \(got a list"):
+        PlateauRule().load_state_dict([])

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ._checks import is_int, is_real
+from ._checks import is_int, is_real, nested_errors, raise_if_errors
 from .stability_rule import PlateauRule
 
 
@@ -104,9 +104,8 @@ class OIALRConfig:
         try:
             self.auto_rule()
         except ValueError as err:                       # the rule names its knobs without the auto_ prefix
-            errors.extend("auto_" + line.strip() for line in str(err).splitlines()[1:])
-        if errors:
-            raise ValueError("invalid OIALRConfig:\n  " + "\n  ".join(errors))
+            errors.extend(nested_errors(err, "auto_"))
+        raise_if_errors("OIALRConfig", errors)
 
     def auto_rule(self) -> PlateauRule:
         """The automatic-transition rule these settings describe."""

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed, linalg, optim_state
+from ._checks import check_state_version
 from .config import OIALRConfig
 from .convert import SUPPORTED, LayerInfo, convert_layer, find_layers, format_table
 from .layers import LowRankLayer
@@ -239,10 +240,7 @@ class OIALR:
         """Restore a saved run. Give the model and optimizer their state dicts *after* this call: it rebuilds the
         factored layers with the saved ranks (values are overwritten by ``model.load_state_dict``) and puts each
         ``Σ`` in the optimizer where the saved run had it."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            found = state.get("version") if isinstance(state, dict) else None
-            raise ValueError(f"not an OIALR state dict of version {STATE_VERSION} (got a {type(state).__name__} "
-                             f"with version {found!r}); pass what OIALR.state_dict() returned")
+        check_state_version("OIALR", state, STATE_VERSION)
         targets = {info.name for info in self.layer_infos if info.convert}
         ranks = state["ranks"]
         if state["transition_step"] is not None and set(ranks) != targets:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from . import files, linalg
+from ._checks import check_same_settings, check_state_version, is_int, is_real, raise_if_errors
 from .convert import _CONVS, weight_layers
 from .layers import LowRankLayer
 from .stability_rule import PlateauRule
@@ -162,11 +163,11 @@ class StabilityTracker:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         errors = []
-        if not (isinstance(every, int) and not isinstance(every, bool) and every >= 1):
+        if not (is_int(every) and every >= 1):
             errors.append(f"every must be an integer >= 1 (optimizer steps between samples), got {every!r}")
-        if not (isinstance(cutoff, (int, float)) and not isinstance(cutoff, bool) and 0.0 <= cutoff < 1.0):
+        if not (is_real(cutoff) and 0.0 <= cutoff < 1.0):
             errors.append(f"cutoff must be a number in [0, 1) (as OIALRConfig.cutoff), got {cutoff!r}")
-        if not (isinstance(lag, int) and not isinstance(lag, bool) and lag >= 1):
+        if not (is_int(lag) and lag >= 1):
             errors.append(f"lag must be an integer >= 1 (samples between the two compared snapshots), got {lag!r}")
         if not isinstance(mixing, bool):
             errors.append(f"mixing must be True or False, got {mixing!r}")
@@ -181,8 +182,7 @@ class StabilityTracker:
                 errors.append(f"layers {unknown} are not weight matrices of the model; choose from {available}")
         if not errors and not layers:
             errors.append(f"no weight matrix to track (layers found: {available}); pass layers=[...] to choose some")
-        if errors:
-            raise ValueError("invalid StabilityTracker:\n  " + "\n  ".join(errors))
+        raise_if_errors("StabilityTracker", errors)
         self.model, self.every, self.cutoff, self.mixing, self.lag = model, every, float(cutoff), mixing, lag
         self.layers: list[str] = list(layers)
         self.step_count = 0
@@ -293,23 +293,11 @@ class StabilityTracker:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a saved series. The tracker must be built with the saved run's ``every``, ``lag``, ``cutoff``,
         ``mixing`` and layers."""
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            found = state.get("version") if isinstance(state, dict) else None
-            raise ValueError(f"not a StabilityTracker state dict of version {STATE_VERSION} (got a "
-                             f"{type(state).__name__} with version {found!r}); pass what StabilityTracker.state_dict() "
-                             "returned")
-        _check_same("StabilityTracker", {k: state[k] for k in ("every", "lag", "cutoff", "mixing", "layers")},
-                    {"every": self.every, "lag": self.lag, "cutoff": self.cutoff, "mixing": self.mixing,
-                     "layers": self.layers})
+        check_state_version("StabilityTracker", state, STATE_VERSION)
+        check_same_settings("StabilityTracker", state, {"every": self.every, "lag": self.lag, "cutoff": self.cutoff,
+                                                        "mixing": self.mixing, "layers": self.layers})
         self.step_count = state["step"]
         self.records = copy.deepcopy(state["records"])
         self._q = {k: list(v) for k, v in state["snapshots"].items()}
         self._r = {k: list(v) for k, v in state["mixing_snapshots"].items()}
 
-
-def _check_same(kind: str, saved: dict[str, Any], here: dict[str, Any]) -> None:
-    """Raise ValueError listing every setting in which this object differs from the saved one."""
-    diff = [f"{k}: saved {saved[k]!r}, here {here[k]!r}" for k in here if saved[k] != here[k]]
-    if diff:
-        raise ValueError(f"the saved {kind} was built with other settings; build it as in the saved run:\n  "
-                         + "\n  ".join(diff))

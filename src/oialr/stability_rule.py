@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._checks import is_int, is_real
+from ._checks import check_same_settings, check_state_version, is_int, is_real, raise_if_errors
 
 RULE_STATE_VERSION = 1
 
@@ -49,8 +49,7 @@ class PlateauRule:
             errors.append(f"max_steps must be None or an integer >= 1, got {max_steps!r}")
         elif max_steps is not None and is_int(min_steps) and max_steps < min_steps:
             errors.append(f"max_steps must be None or >= min_steps ({min_steps}), got {max_steps!r}")
-        if errors:
-            raise ValueError("invalid PlateauRule:\n  " + "\n  ".join(errors))
+        raise_if_errors("PlateauRule", errors)
         self.threshold, self.window, self.epsilon = float(threshold), window, float(epsilon)
         self.min_steps, self.max_steps = min_steps, max_steps
         self.history: list[float] = []        # the last `window` stabilities
@@ -104,15 +103,8 @@ class PlateauRule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a saved run; the rule must be built with the saved settings."""
-        if not isinstance(state, dict) or state.get("version") != RULE_STATE_VERSION:
-            found = state.get("version") if isinstance(state, dict) else None
-            raise ValueError(f"not a PlateauRule state dict of version {RULE_STATE_VERSION} (got a "
-                             f"{type(state).__name__} with version {found!r}); pass what PlateauRule.state_dict() "
-                             "returned")
-        diff = [f"{k}: saved {state[k]!r}, here {v!r}" for k, v in self.settings().items() if state[k] != v]
-        if diff:
-            raise ValueError("the saved PlateauRule was built with other settings; build it as in the saved run:\n  "
-                             + "\n  ".join(diff))
+        check_state_version("PlateauRule", state, RULE_STATE_VERSION)
+        check_same_settings("PlateauRule", state, self.settings())
         self.history, self.last_step = list(state["history"]), state["last_step"]
         self.fired_step, self.reason = state["fired_step"], state["reason"]
 

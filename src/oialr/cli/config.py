@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .._checks import is_int, is_real, nested_errors, raise_if_errors
 from ..config import OIALRConfig
 
 DATASETS = ("mnist1d", "fashion-mnist")
@@ -68,15 +69,13 @@ def _errors(cfg: TrainConfig) -> list[str]:
 
     def positive_int(name: str) -> None:
         value = getattr(cfg, name)
-        check(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-              f"{name} must be an integer >= 1, got {value!r}")
+        check(is_int(value) and value >= 1, f"{name} must be an integer >= 1, got {value!r}")
 
     def number(name: str, low: float, high: float = math.inf, allow_none: bool = False, low_open=False) -> None:
         value = getattr(cfg, name)
         if value is None and allow_none:
             return
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
-            and (value > low if low_open else value >= low) and value <= high
+        ok = is_real(value) and (value > low if low_open else value >= low) and value <= high
         interval = f"{'(' if low_open else '['}{low}, {high if high != math.inf else 'inf'})"
         check(ok, f"{name} must be a number in {interval}{' or null' if allow_none else ''}, got {value!r}")
 
@@ -90,7 +89,7 @@ def _errors(cfg: TrainConfig) -> list[str]:
     check(isinstance(cfg.model_args, dict), f"model_args must be a mapping, got {cfg.model_args!r}")
     for name in ("epochs", "batch_size"):
         positive_int(name)
-    check(isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and cfg.seed >= 0,
+    check(is_int(cfg.seed) and cfg.seed >= 0,
           f"seed must be an integer >= 0, got {cfg.seed!r}")
     check(isinstance(cfg.augment, bool), f"augment must be true or false, got {cfg.augment!r}")
     number("lr", 0, low_open=True)
@@ -99,11 +98,10 @@ def _errors(cfg: TrainConfig) -> list[str]:
     number("lr_warmup_epochs", 0)
     number("label_smoothing", 0, 1)
     number("grad_clip", 0, allow_none=True, low_open=True)
-    check(cfg.stability_every is None or (isinstance(cfg.stability_every, int) and cfg.stability_every >= 1),
+    check(cfg.stability_every is None or (is_int(cfg.stability_every) and cfg.stability_every >= 1),
           f"stability_every must be an integer >= 1 or null, got {cfg.stability_every!r}")
-    check(isinstance(cfg.stability_lag, int) and not isinstance(cfg.stability_lag, bool) and cfg.stability_lag >= 1,
-          f"stability_lag must be an integer >= 1, got {cfg.stability_lag!r}")
-    check(cfg.threads is None or (isinstance(cfg.threads, int) and cfg.threads >= 1),
+    positive_int("stability_lag")
+    check(cfg.threads is None or (is_int(cfg.threads) and cfg.threads >= 1),
           f"threads must be an integer >= 1 or null, got {cfg.threads!r}")
     return errors
 
@@ -134,12 +132,11 @@ def build_config(file_values: dict | None = None, overrides: list[str] | None = 
     try:
         values["oialr"] = OIALRConfig(**oialr_values)
     except ValueError as err:
-        errors.extend("oialr." + line.strip() for line in str(err).splitlines()[1:])
+        errors.extend(nested_errors(err, "oialr."))
     if not errors:
         cfg = TrainConfig(**values)
         errors = _errors(cfg)
-    if errors:
-        raise ConfigError("invalid training configuration:\n  " + "\n  ".join(errors))
+    raise_if_errors("training configuration", errors, ConfigError)
     return cfg
 
 
