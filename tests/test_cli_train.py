@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from oialr import PlateauRule
 from oialr.cli import recipe
 from oialr.cli.config import ConfigError, build_config
 from oialr.cli.main import main
@@ -146,7 +147,19 @@ def test_stability_series_and_report(data_dir, tmp_path, capsys):
     assert main(["stability", out]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == 9 and 0 < summary["fraction_90pct_of_final"] <= 1
+    assert summary["auto_rule"] == run.cfg.oialr.auto_rule().settings()
     for name in ("stability_network.png", "stability_layers.png", "spectra.png", "stability_summary.json"):
         assert os.path.exists(os.path.join(out, name)), name
     assert main(["stability", str(tmp_path)]) == 2
     assert "stability_every" in capsys.readouterr().err
+
+
+def test_stability_summary_replays_the_automatic_rule():
+    from oialr.cli.stability_report import summarize
+    series = [None, 0.5, 0.8, 0.95, 0.97, 0.975, 0.976, 0.976, 0.977, 0.977]        # rises, then plateaus
+    records = [{"step": 100 * (i + 1), "network_stability": v, "weighted_stability": v} for i, v in enumerate(series)]
+    summary = summarize(records, total_steps=2000, rule=PlateauRule(threshold=0.97, window=3, epsilon=0.002))
+    assert summary["final_network_stability"] == 0.977 and summary["min_network_stability"] == 0.5
+    assert summary["step_90pct_of_final"] == 400 and summary["fraction_90pct_of_final"] == 0.2
+    assert summary["auto_switch_step"] == 800 and "0.9760 >= 0.97 and changed by 0.0010" in summary["auto_reason"]
+    assert summarize(records, 2000)["auto_switch_step"] is None               # the defaults want 0.99

@@ -5,7 +5,7 @@ import json
 import math
 import os
 
-from .. import files
+from .. import OIALRConfig, PlateauRule, files
 from .config import ConfigError
 from .plots import save_figure
 
@@ -18,13 +18,19 @@ def load_series(run_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def summarize(records: list[dict], total_steps: int | None) -> dict:
-    """Final network stability and when the series first reached 90% of it (as a step and a fraction of training).
+def summarize(records: list[dict], total_steps: int | None, rule: PlateauRule | None = None) -> dict:
+    """Final network stability, when the series first reached 90% of it (as a step and a fraction of training),
+    and where ``rule`` (default: :class:`oialr.PlateauRule`'s defaults) fed this series would have switched to
+    low rank (``auto_switch_step``, None if never).
 
-    Measured on the series after its first sample (which has no stability)."""
+    Measured on the samples that have a stability (the first ``lag`` samples have none)."""
     points = [(r["step"], r["network_stability"]) for r in records if r["network_stability"] is not None]
     if not points:
         return {"samples": len(records)}
+    rule = rule or PlateauRule()
+    for r in records:
+        if rule.update(r["step"], r["network_stability"]):
+            break
     final = points[-1][1]
     reached = next((step for step, value in points if value >= 0.9 * final), None)
     weighted = [r["weighted_stability"] for r in records if r["weighted_stability"] is not None]
@@ -35,19 +41,27 @@ def summarize(records: list[dict], total_steps: int | None) -> dict:
         "min_network_stability": min(v for _, v in points),
         "step_90pct_of_final": reached,
         "fraction_90pct_of_final": None if reached is None or not total_steps else reached / total_steps,
+        "auto_rule": rule.settings(),
+        "auto_switch_step": rule.fired_step,
+        "auto_reason": rule.reason or None,
     }
 
 
 def report(run_dir: str) -> dict:
     """Write ``stability_network.png``, ``stability_layers.png``, ``spectra.png`` (if ``spectra.json`` exists) and
-    ``stability_summary.json`` to ``run_dir``; return the summary."""
+    ``stability_summary.json`` to ``run_dir``; return the summary. The automatic-transition rule replayed on the
+    series is the run's own (its ``oialr.auto_*`` settings), so a full-rank run shows where ``warmup_steps="auto"``
+    would have switched: a cheap way to tune the rule (the controller samples with lag 1, every
+    ``oialr.stability_every`` steps)."""
     records = load_series(run_dir)
-    total_steps = None
+    total_steps, rule = None, None
     results_path = os.path.join(run_dir, "results.json")
     if os.path.exists(results_path):
         with open(results_path) as f:
-            total_steps = json.load(f).get("steps")
-    summary = summarize(records, total_steps)
+            results = json.load(f)
+        total_steps = results.get("steps")
+        rule = OIALRConfig(**results["config"]["oialr"]).auto_rule()
+    summary = summarize(records, total_steps, rule)
     files.write_json(os.path.join(run_dir, "stability_summary.json"), summary)
     try:
         _plot(records, run_dir, total_steps)
