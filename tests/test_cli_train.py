@@ -138,7 +138,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
 def test_stability_series_and_report(data_dir, tmp_path, capsys):
     out = str(tmp_path / "stab")
     run = recipe.start_or_resume(tiny(data_dir, stability_every=5, stability_lag=2), out, False, log=lambda *a: None)
-    run.train()
+    results = run.train()
+    assert 0 < results["stability_overhead"] < 1
     records = [json.loads(line) for line in open(os.path.join(out, "stability.jsonl"))]
     assert [r["step"] for r in records] == list(range(5, 46, 5)) and records[-1]["lag_steps"] == 10
     assert records[1]["network_stability"] is None and records[2]["network_stability"] is not None

@@ -3,6 +3,8 @@ import csv
 import io
 import json
 import math
+import time
+import warnings
 
 import pytest
 import torch
@@ -308,6 +310,24 @@ def test_state_dict_round_trip():
         StabilityTracker(model, every=3, mixing=True).load_state_dict(saved["tracker"])
     with pytest.raises(ValueError, match=r"not a state dict of StabilityTracker version 2 \(got a dict with version 1"):
         resumed.load_state_dict({**saved["tracker"], "version": 1})
+
+
+def test_overhead_is_measured_and_a_costly_every_is_warned_about():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    slow = StabilityTracker(model, every=1)
+    assert slow.overhead is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(5):
+            time.sleep(0.2)                         # a training step much longer than a sample
+            slow.step()
+    assert 0 < slow.overhead < 0.05
+    fast = StabilityTracker(model, every=1)
+    with pytest.warns(UserWarning, match=r"sampling took \d+% of the time since the first sample at every=1; sample "
+                                         r"every >= \d+ steps to keep it under 5%") as caught:
+        for _ in range(6):
+            fast.step()                             # steps that cost nothing: sampling is all the time
+    assert len(caught) == 1 and fast.overhead > 0.5
 
 
 def test_lag_compares_with_the_sample_lag_samples_back():

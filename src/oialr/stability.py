@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import time
 import warnings
 from collections import defaultdict
 from typing import Any
@@ -26,6 +27,7 @@ STATE_VERSION = 2
 NETWORK_ROWS = ("network:mean", "network:weighted")     # the `layer` of the network rows in write_csv
 CSV_FIELDS = ("step", "layer", "rows", "cols", "stability", "sigma_max", "effective_rank", "rank_at_cutoff", "mixing")
 _MHA_INPUTS = ("in_proj", "q_proj", "k_proj", "v_proj")
+OVERHEAD_WARNING = 0.05            # warn (once, at the fourth sample) when sampling takes more of the time than this
 _CHUNK_ELEMENTS = 2 ** 24           # at most this many float64 weight entries (128 MiB) go through one batched eigh
 
 
@@ -151,11 +153,11 @@ class StabilityTracker:
     (:func:`weight_matrix`), so modules replaced by OIALR's transition keep their series (measured as ``U Σ Vᵀ``).
     Samples close together show stability as a speed (near 1 from the start, following the learning rate); a larger
     ``lag`` compares bases further apart at the same sampling cost. Memory: ``lag`` float32 ``Q (m×n)`` per layer
-    (plus as many ``R (n×n)`` with ``mixing``), so stability is exact to ~1e-7
-    (clamped to ``[-1, 1]``). Time per sample: ``4·m·n²`` float64 flops plus an ``n×n`` ``eigh`` per layer, about
-    ``4·n / B`` training steps for an ``n×n`` layer trained on ``B`` rows (tokens) per step. At ``every=50`` that is
-    0.6% of the training time of a width-256 transformer at 3.6k tokens per step, but ~35% for a width-512 MLP at
-    batch 128 (raise ``every`` there).
+    (plus as many ``R (n×n)`` with ``mixing``), so stability is exact to ~1e-7 (clamped to ``[-1, 1]``).
+    Time per sample: ``4·m·n²`` float64 flops plus an ``n×n`` ``eigh`` per layer, about ``4·n / B`` training steps
+    for an ``n×n`` layer trained on ``B`` rows (tokens) per step. At ``every=50`` that is 0.6% of the training time
+    of a width-256 transformer at 3.6k tokens per step, but ~35% for a width-512 MLP at batch 128. :attr:`overhead`
+    is the measured share; at the fourth sample a warning names the ``every`` that keeps it under 5% if it is above.
     """
 
     def __init__(self, model: nn.Module, every: int = 50, cutoff: float = 0.1, mixing: bool = False,
@@ -189,11 +191,37 @@ class StabilityTracker:
         self.records: list[dict[str, Any]] = []
         self._q: dict[str, list[Tensor]] = {}   # polar factors of the last `lag` samples, oldest first, float32 (m×n)
         self._r: dict[str, list[Tensor]] = {}   # R of W = QR at the same samples, float32 (n×n), with mixing
+        self._clock = {"start": None, "steps": 0, "samples": 0, "sampling": 0.0}   # this process's timing
 
     def step(self) -> dict[str, Any] | None:
         """Advance one optimizer step; at every ``every``-th step, sample and return the new record."""
         self.step_count += 1
-        return self.sample() if self.step_count % self.every == 0 else None
+        clock = self._clock
+        clock["steps"] += clock["start"] is not None
+        if self.step_count % self.every:
+            return None
+        began = time.perf_counter()
+        record = self.sample()
+        if clock["start"] is None:                  # the first sample warms up the kernels: time from its end
+            clock["start"] = time.perf_counter()
+        else:
+            clock["samples"] += 1
+            clock["sampling"] += time.perf_counter() - began
+        if clock["samples"] == 3 and self.overhead > OVERHEAD_WARNING:
+            training = max(time.perf_counter() - clock["start"] - clock["sampling"], 1e-9) / clock["steps"]
+            needed = math.ceil(clock["sampling"] / clock["samples"] / training * (1 / OVERHEAD_WARNING - 1))
+            warnings.warn(f"StabilityTracker: sampling took {self.overhead:.0%} of the time since the first sample "
+                          f"at every={self.every}; sample every >= {needed} steps to keep it under "
+                          f"{OVERHEAD_WARNING:.0%} (StabilityTracker(every=...), OIALRConfig.stability_every, or "
+                          "oialr train --set stability_every=...)", stacklevel=2)
+        return record
+
+    @property
+    def overhead(self) -> float | None:
+        """Time spent sampling / wall time, both counted from the end of this process's first sample (None before)."""
+        if self._clock["start"] is None:
+            return None
+        return self._clock["sampling"] / max(time.perf_counter() - self._clock["start"], 1e-9)
 
     @property
     def latest(self) -> dict[str, Any] | None:

@@ -252,6 +252,7 @@ class TrainingRun:
             "peak_rss_mb": distributed.all_reduce(      # the largest process
                 [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], op="max")[0],
             "world_size": self.world_size,
+            "stability_overhead": None if self.tracker is None else self.tracker.overhead,   # since this start
             "transition_step": summary["transition_step"] if summary else None,
             "transition_reason": summary["transition_reason"] if summary else None,
             "layers": summary["layers"] if summary else {},
