@@ -50,6 +50,11 @@ def test_resnet18_stem_keeps_resolution():
     assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1) and model.conv1.in_channels == 1
     assert isinstance(model.maxpool, nn.Identity)
     assert model.forward_features(torch.randn(1, *IMAGE)).shape == (1, 512, 4, 4)
+    imagenet = build_model("resnet18", IMAGE, 10, small_stem=False)
+    assert imagenet.conv1.kernel_size == (7, 7) and isinstance(imagenet.maxpool, nn.MaxPool2d)
+    assert imagenet.eval().forward_features(torch.randn(1, *IMAGE)).shape == (1, 512, 1, 1)
+    with pytest.raises(ValueError, match="small_stem must be true or false, got 'no'"):
+        build_model("resnet18", IMAGE, 10, small_stem="no")
 
 
 @pytest.mark.parametrize("name", ["vit", "resnet18"])

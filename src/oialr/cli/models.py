@@ -108,17 +108,21 @@ def vit(input_shape: tuple[int, ...], num_classes: int, embed_dim: int = 192, de
                              qkv_bias=qkv_bias, class_token=True, global_pool="token")
 
 
-def resnet18(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """timm ResNet-18 (random init) with a CIFAR-style stem for small images ``(C, H, W)``.
+def resnet18(input_shape: tuple[int, ...], num_classes: int, small_stem: bool = True) -> nn.Module:
+    """timm ResNet-18 (random init) for images ``(C, H, W)``.
 
-    The ImageNet stem (7×7 stride-2 conv, then a stride-2 max-pool) would shrink 28×28 to 7×7 before the first
-    residual stage; it is replaced by a 3×3 stride-1 conv and no max-pool, so the stages run at 28, 14, 7 and 4 pixels.
+    ``small_stem=True``: the ImageNet stem (7×7 stride-2 conv, then a stride-2 max-pool) would shrink 28×28 to 7×7
+    before the first residual stage; it is replaced by a 3×3 stride-1 conv and no max-pool, so the stages run at 28,
+    14, 7 and 4 pixels. ``small_stem=False`` keeps timm's stem: stages at 7, 4, 2 and 1 pixels, about 16× fewer
+    multiply-adds (what makes ResNet-18 experiments fit a CPU), at some cost in accuracy.
     """
     _need_images("resnet18", input_shape)
+    if not isinstance(small_stem, bool):
+        raise ValueError(f"small_stem must be true or false, got {small_stem!r}")
     model = _timm().create_model("resnet18", pretrained=False, in_chans=input_shape[0], num_classes=num_classes)
-    # Reassigning existing attributes keeps their registration order, so `fc` stays the last layer.
-    model.conv1 = nn.Conv2d(input_shape[0], model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
+    if small_stem:       # reassigning existing attributes keeps their registration order, so `fc` stays the last layer
+        model.conv1 = nn.Conv2d(input_shape[0], model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
     return model
 
 
