@@ -1,3 +1,6 @@
+import importlib.util
+import os
+
 import pytest
 
 from oialr.cli.config import ConfigError, TrainConfig, build_config, load_yaml
@@ -55,10 +58,23 @@ def test_load_yaml_errors(tmp_path):
         load_yaml(str(listy))
 
 
-def test_shipped_configs_are_valid():
-    import glob
-    import os
-    paths = glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml"))
-    assert paths
-    for path in paths:
-        build_config(load_yaml(path))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs"))))
+def test_shipped_configs_are_valid(name):
+    cfg = build_config(load_yaml(os.path.join(ROOT, "configs", name)))
+    assert cfg.epochs >= 1
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "benchmarks", "grids"))))
+def test_every_run_of_the_shipped_grids_is_valid(name):
+    spec = importlib.util.spec_from_file_location("experiments", os.path.join(ROOT, "benchmarks", "experiments.py"))
+    experiments = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiments)
+    grid = load_yaml(os.path.join(ROOT, "benchmarks", "grids", name))
+    base = load_yaml(os.path.join(ROOT, grid["base"]))
+    for group, settings in grid["groups"].items():
+        for seed in grid["seeds"]:
+            cfg = build_config(base, experiments.flatten(settings), seed=seed)
+            assert cfg.seed == seed, group
