@@ -26,6 +26,9 @@ def test_defaults_are_valid_and_plain():
     ("exclude_modules", [""], "exclude_modules must be None, a regular expression string or a list"),
     ("keep_output_layer_dense", "yes", "keep_output_layer_dense must be True or False"),
     ("max_aspect_ratio", 0.5, "max_aspect_ratio must be None or a number >= 1"),
+    ("stability_every", 0, "stability_every must be an integer >= 1"),
+    ("stability_lag", 0, "stability_lag must be an integer >= 1"),
+    ("auto_window", 0, "auto_window must be an integer >= 1"),
 ])
 def test_each_bad_field_is_named(field, value, fragment):
     with pytest.raises(ValueError) as err:

@@ -406,6 +406,9 @@ def test_auto_transition_fires_on_a_plateau_at_a_sample():
     assert ctl.transition_reason.startswith("network stability") and "at step 15" in ctl.transition_reason
     assert ctl.summary()["transition_reason"] == ctl.transition_reason
     assert ctl.tracker is None
+    _, ctl, _ = _auto_run(30, stability_lag=2, auto_threshold=-0.99, auto_window=2, auto_epsilon=2.0,
+                          auto_min_steps=12)
+    assert ctl.transition_step == 20                       # first comparison at 15 (with 5), window full at 20
 
 
 def test_auto_transition_falls_back_to_max_steps():

@@ -23,6 +23,8 @@ class OIALRConfig:
 
     Automatic transition (``warmup_steps="auto"`` only)
         stability_every: steps between two stability samples of the layers to convert (``>= 1``).
+        stability_lag: each sample is compared with the one this many samples earlier (``>= 1``; bases
+            ``stability_lag · stability_every`` steps apart; :class:`oialr.StabilityTracker`'s ``lag``).
         auto_threshold, auto_window, auto_epsilon: switch at the first sample where network stability
             ``>= auto_threshold`` and its max − min over the last ``auto_window`` samples ``<= auto_epsilon``...
         auto_min_steps: ...but not before this step...
@@ -59,6 +61,7 @@ class OIALRConfig:
     keep_output_layer_dense: bool = True
     max_aspect_ratio: float | None = None
     stability_every: int = 50
+    stability_lag: int = 1
     auto_threshold: float = 0.99
     auto_window: int = 4
     auto_epsilon: float = 0.002
@@ -101,6 +104,8 @@ class OIALRConfig:
               f"max_aspect_ratio must be None or a number >= 1 (the paper used 10), got {self.max_aspect_ratio!r}")
         check(is_int(self.stability_every) and self.stability_every >= 1,
               f"stability_every must be an integer >= 1, got {self.stability_every!r}")
+        check(is_int(self.stability_lag) and self.stability_lag >= 1,
+              f"stability_lag must be an integer >= 1, got {self.stability_lag!r}")
         try:
             self.auto_rule()
         except ValueError as err:                       # the rule names its knobs without the auto_ prefix

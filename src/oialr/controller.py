@@ -87,7 +87,7 @@ class OIALR:
         self.rule: PlateauRule | None = None
         if self.config.warmup_steps == "auto":
             self.tracker = StabilityTracker(model, every=self.config.stability_every, cutoff=self.config.cutoff,
-                                            layers=[info.name for info in targets])
+                                            layers=[info.name for info in targets], lag=self.config.stability_lag)
             self.rule = self.config.auto_rule()
         elif self.config.warmup_steps == 0:
             self._transition("warmup_steps=0: converted when the controller was built")
