@@ -198,7 +198,8 @@ def tiny(data_dir, **extra):
 
 
 def _recipe_worker(rank, world, init_file, data_dir, out):
-    """An uninterrupted run; a run that only rank 1 asks to stop after step 26; its resumption."""
+    """An uninterrupted run; a run that only rank 1 asks to stop after step 26 (all stop at the next poll of the
+    flag, step 30, the last batch of epoch 2); its resumption."""
     _init(rank, world, init_file)
     quiet = lambda *args, **kwargs: None
     straight = recipe.start_or_resume(tiny(data_dir), os.path.join(out, "straight"), False, log=quiet)
@@ -227,7 +228,7 @@ def test_recipe_stops_all_processes_at_one_step_and_resumes_exactly(data_dir, tm
     _spawn(_recipe_worker, str(tmp_path / "init"), data_dir, str(tmp_path))
     seen = [torch.load(tmp_path / f"recipe{r}.pt", weights_only=False) for r in (0, 1)]
     for r in (0, 1):
-        assert "SIGTERM at step 26" in seen[r]["stopped"] and seen[r]["at"] == (26, 11)
+        assert "SIGTERM at step 30" in seen[r]["stopped"] and seen[r]["at"] == (30, 15)
         got, expected = seen[r]["got"], seen[r]["expected"]
         assert got["world_size"] == 2 and got["steps"] == expected["steps"] == 3 * 15
         assert got["top1"] == expected["top1"] and got["layers"] == expected["layers"]

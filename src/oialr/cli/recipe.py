@@ -20,6 +20,7 @@ from .models import build_model
 from .reporting import RunFiles, param_stats, progress
 
 CHECKPOINT = "checkpoint.pt"
+STOP_POLL_EVERY = 10    # distributed: all-reduce the stop flag every this many steps (each poll syncs the device)
 
 
 def learning_rate(cfg: TrainConfig, step: int, total_steps: int, warmup_steps: int) -> float:
@@ -173,6 +174,8 @@ class TrainingRun:
                 continue
             self._train_step(x, y)
             self.batch_in_epoch = i + 1
+            if self.world_size > 1 and self.step % STOP_POLL_EVERY:
+                continue
             signum = int(distributed.all_reduce([self._stop_signal or 0], op="max")[0])   # one stop step for all
             if signum:
                 self.train_seconds += time.perf_counter() - start
