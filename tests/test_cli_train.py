@@ -164,3 +164,18 @@ def test_stability_summary_replays_the_automatic_rule():
     assert summary["step_90pct_of_final"] == 400 and summary["fraction_90pct_of_final"] == 0.2
     assert summary["auto_switch_step"] == 800 and "0.9760 >= 0.97 and changed by 0.0010" in summary["auto_reason"]
     assert summarize(records, 2000)["auto_switch_step"] is None               # the defaults want 0.99
+
+
+def test_aggregate_table_gives_mean_and_std_over_seeds(tmp_path):
+    from oialr.cli.compare import aggregate_table
+    dirs = []
+    for i, top1 in enumerate((0.80, 0.82, 0.84)):
+        d = tmp_path / f"s{i}"
+        d.mkdir()
+        (d / "results.json").write_text(json.dumps({"top1": top1, "trainable_params": 20 + i, "dense_params": 100,
+                                                    "stored_params": 150, "train_seconds": 10.0 * (i + 1),
+                                                    "peak_rss_mb": 500}))
+        dirs.append(str(d))
+    rows = aggregate_table({"three": dirs, "one": dirs[:1]}).splitlines()
+    assert rows[2] == "| three | 3 | 82.00 ± 2.00 | 21.0 ± 1.0 | 150.0 ± 0.0 | 20 ± 10 | 500 ± 0 |"
+    assert rows[3] == "| one | 1 | 80.00 | 20.0 | 150.0 | 10 | 500 |"

@@ -37,15 +37,17 @@ def compare_table(run_dirs: list[str]) -> str:
 
 
 def aggregate_table(groups: dict[str, list[str]]) -> str:
-    """One row per group of runs (e.g. seeds): mean ± std of top-1, trainable %, stored %, time, peak memory."""
+    """One row per group of runs (e.g. seeds): mean ± std of top-1, trainable %, stored %, time, peak memory (the
+    value alone for a group of one run)."""
     header = ("runs", "n", "top1", "trainable %", "stored %", "train s", "peak MB")
     rows = []
     for name, run_dirs in groups.items():
         results = [load_results(d) for d in run_dirs]
 
         def stat(values: list[float], fmt: str) -> str:
-            sd = statistics.stdev(values) if len(values) > 1 else 0.0
-            return f"{statistics.mean(values):{fmt}} ± {sd:{fmt}}"
+            if len(values) == 1:
+                return f"{values[0]:{fmt}}"
+            return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
         rows.append((name, str(len(results)),
                      stat([100 * r["top1"] for r in results], ".2f"),
