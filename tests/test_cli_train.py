@@ -162,6 +162,7 @@ def test_stability_summary_replays_the_automatic_rule():
     summary = summarize(records, total_steps=2000, rule=PlateauRule(threshold=0.97, window=3, epsilon=0.002))
     assert summary["final_network_stability"] == 0.977 and summary["min_network_stability"] == 0.5
     assert summary["step_90pct_of_final"] == 400 and summary["fraction_90pct_of_final"] == 0.2
+    assert summary["step_90pct_of_rise"] == 400 and summary["fraction_90pct_of_rise"] == 0.2      # >= 0.5 + 0.9·0.477
     assert summary["auto_switch_step"] == 800 and "0.9760 >= 0.97 and changed by 0.0010" in summary["auto_reason"]
     assert summarize(records, 2000)["auto_switch_step"] is None               # the defaults want 0.99
 

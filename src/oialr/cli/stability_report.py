@@ -19,9 +19,11 @@ def load_series(run_dir: str) -> list[dict]:
 
 
 def summarize(records: list[dict], total_steps: int | None, rule: PlateauRule | None = None) -> dict:
-    """Final network stability, when the series first reached 90% of it (as a step and a fraction of training),
-    and where ``rule`` (default: :class:`oialr.PlateauRule`'s defaults) fed this series would have switched to
-    low rank (``auto_switch_step``, None if never).
+    """Final network stability, when the series first reached 90% of it and when it first climbed 90% of the way from
+    its lowest value to the final one (each as a step and a fraction of training; stability sampled close together
+    is near 1 throughout, which makes the first trivially early), and where ``rule`` (default:
+    :class:`oialr.PlateauRule`'s defaults) fed this series would have switched to low rank (``auto_switch_step``,
+    None if never).
 
     Measured on the samples that have a stability (the first ``lag`` samples have none)."""
     points = [(r["step"], r["network_stability"]) for r in records if r["network_stability"] is not None]
@@ -33,14 +35,19 @@ def summarize(records: list[dict], total_steps: int | None, rule: PlateauRule | 
             break
     final = points[-1][1]
     reached = next((step for step, value in points if value >= 0.9 * final), None)
+    lowest = min(range(len(points)), key=lambda i: points[i][1])
+    target = points[lowest][1] + 0.9 * (final - points[lowest][1])
+    risen = next((step for step, value in points[lowest:] if value >= target), None)
     weighted = [r["weighted_stability"] for r in records if r["weighted_stability"] is not None]
     return {
         "samples": len(records),
         "final_network_stability": final,
         "final_weighted_stability": weighted[-1] if weighted else None,
-        "min_network_stability": min(v for _, v in points),
+        "min_network_stability": points[lowest][1],
         "step_90pct_of_final": reached,
         "fraction_90pct_of_final": None if reached is None or not total_steps else reached / total_steps,
+        "step_90pct_of_rise": risen,
+        "fraction_90pct_of_rise": None if risen is None or not total_steps else risen / total_steps,
         "auto_rule": rule.settings(),
         "auto_switch_step": rule.fired_step,
         "auto_reason": rule.reason or None,
