@@ -219,7 +219,7 @@ def test_second_moment_is_exact_for_permutations_and_keeps_its_scale_under_mixin
     exact = (perm.T @ grads @ perm).square().mean(0)
     torch.testing.assert_close(opt.state[p]["exp_avg_sq"].double(), exact, rtol=1e-6, atol=1e-7)
     # A rotation that mixes every coordinate (Σ with close singular values, as after the transition): uncorrelated
-    # gradient entries keep their mean square, and so must Adam's estimate (an upper bound grew it ~r-fold here,
+    # gradient entries keep their mean square, and so must Adam's estimate (an upper bound grew it ~1700-fold here,
     # shrinking the steps on Σ).
     r = 64
     p = nn.Parameter(torch.zeros(r, r))
