@@ -1,7 +1,9 @@
-"""Run a grid of `oialr train` runs (resumable across sessions) and write a results table to docs/.
+"""Run grids of `oialr train` runs (resumable across sessions and machines) and write their results tables to docs/.
 
     .venv/bin/python benchmarks/experiments.py benchmarks/grids/fmnist_vit.yaml            # run what is missing
     .venv/bin/python benchmarks/experiments.py benchmarks/grids/fmnist_vit.yaml --report   # only rewrite the table
+    .venv/bin/python benchmarks/experiments.py GRID1.yaml GRID2.yaml --only c0.3-s0 --only fmnist_vit/full-rank-s2 \\
+        --workers 2 --threads 1      # two runs at a time, one intra-op thread each, in the order given
 
 A grid file names a base config, an output folder, a results page and groups of runs; every group runs once per seed:
 
@@ -13,17 +15,24 @@ A grid file names a base config, an output folder, a results page and groups of 
       full-rank: {method: full-rank}
       oialr-paper: {method: oialr, oialr: {warmup_steps: 800, update_every: 160, cutoff: 0.15}}
 
-A finished run (its results.json exists) is skipped; an interrupted one (checkpoint.pt, no results.json) is resumed
-with --resume; groups run seed by seed, interleaved, so a stopped session leaves comparable partial results.
+Run ``GROUP-sSEED`` trains in ``OUT/GROUP-sSEED`` (its output in ``OUT/GROUP-sSEED.log``). When it finishes, its
+``results.json`` and ``metrics.jsonl`` are archived next to the report (``docs/results/fmnist_vit/GROUP-sSEED/``,
+kept in git), so a finished run is never trained again and its numbers stay in the report on a new machine. An
+interrupted run (``checkpoint.pt``, no results) is resumed with ``--resume``. Without ``--only``, runs go seed by
+seed, groups interleaved, so a stopped session leaves comparable partial results. On two CPU cores, two 1-thread
+runs side by side train ~1.3x more steps per second than one 2-thread run, but each run's time then includes
+sharing the machine with another: say so next to the times.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import yaml
 
@@ -32,6 +41,43 @@ sys.path.insert(0, os.path.join(ROOT, "src"))
 
 from oialr import files  # noqa: E402
 from oialr.cli.compare import aggregate_table, compare_table  # noqa: E402
+
+ARCHIVED = ("results.json", "metrics.jsonl")
+
+
+@dataclass(frozen=True)
+class Run:
+    grid: dict
+    group: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.group}-s{self.seed}"
+
+    @property
+    def out(self) -> str:
+        """The run folder, relative to the repository root (where the commands run)."""
+        return os.path.join(self.grid["out"], self.name)
+
+    @property
+    def archive(self) -> str:
+        return os.path.join(ROOT, os.path.splitext(self.grid["report"])[0], self.name)
+
+    def finished_dir(self) -> str | None:
+        """The folder holding this run's results.json (the run folder, else its archive), or None."""
+        for folder in (os.path.join(ROOT, self.out), self.archive):
+            if os.path.exists(os.path.join(folder, "results.json")):
+                return folder
+        return None
+
+    def command(self, oialr: str, threads: int | None) -> list[str]:
+        cmd = [oialr, "train", "--out", self.out]
+        if os.path.exists(os.path.join(ROOT, self.out, "checkpoint.pt")):
+            return cmd + ["--resume"]
+        cmd += ["--config", self.grid["base"], "--seed", str(self.seed)]
+        settings = flatten(self.grid["groups"][self.group]) + ([f"threads={threads}"] if threads else [])
+        return cmd + [arg for item in settings for arg in ("--set", item)]
 
 
 def flatten(mapping: dict, prefix: str = "") -> list[str]:
@@ -45,38 +91,82 @@ def flatten(mapping: dict, prefix: str = "") -> list[str]:
     return items
 
 
-def run_dirs(grid: dict) -> dict[str, list[str]]:
-    return {group: [os.path.join(grid["out"], f"{group}-s{seed}") for seed in grid["seeds"]]
-            for group in grid["groups"]}
+def grid_runs(grid: dict) -> list[Run]:
+    """Every run of ``grid``, seed by seed, groups interleaved."""
+    return [Run(grid, group, seed) for seed in grid["seeds"] for group in grid["groups"]]
 
 
-def run_missing(grid: dict, oialr_cmd: list[str]) -> None:
-    for seed_index, seed in enumerate(grid["seeds"]):
-        for group, settings in grid["groups"].items():
-            out = run_dirs(grid)[group][seed_index]
-            if os.path.exists(os.path.join(out, "results.json")):
-                continue
-            resume = os.path.exists(os.path.join(out, "checkpoint.pt"))
-            cmd = oialr_cmd + ["train", "--out", out]
-            if resume:
-                cmd.append("--resume")
-            else:
-                cmd += ["--config", grid["base"], "--seed", str(seed)]
-                cmd += [arg for item in flatten(settings) for arg in ("--set", item)]
+def select(grids: list[dict], only: list[str]) -> list[Run]:
+    """The runs of ``grids`` named in ``only`` (in that order), or all of them. A name is ``GROUP-sSEED``, or
+    ``GRID/GROUP-sSEED`` (``GRID``: the grid file's name without ``.yaml``) where several grids have that run."""
+    runs = {f"{grid['name']}/{run.name}": run for grid in grids for run in grid_runs(grid)}
+    if not only:
+        return list(runs.values())
+    chosen = []
+    for name in only:
+        matches = [key for key, run in runs.items() if name in (key, run.name)]
+        if len(matches) != 1:
+            problem = f"matches {' and '.join(matches)}" if matches else "is no run of these grids"
+            raise SystemExit(f"--only {name}: {problem}; name a run as GROUP-sSEED or GRID/GROUP-sSEED, one of: "
+                             f"{', '.join(runs)}")
+        chosen.append(runs[matches[0]])
+    return chosen
+
+
+def archive(run: Run) -> None:
+    """Copy the run's small result files to its archive folder (kept in git)."""
+    os.makedirs(run.archive, exist_ok=True)
+    for name in ARCHIVED:
+        source = os.path.join(ROOT, run.out, name)
+        if os.path.exists(source):
+            shutil.copyfile(source, os.path.join(run.archive, name))
+
+
+def run_missing(runs: list[Run], oialr: str, *, workers: int, threads: int | None) -> None:
+    """Train the unfinished ``runs``, ``workers`` at a time; archive each as it finishes and rewrite its grid's
+    report. After a failure no new run starts; the ones running finish."""
+    queue = [run for run in runs if run.finished_dir() is None]
+    running: dict[subprocess.Popen, Run] = {}
+    failed: list[str] = []
+    while queue or running:
+        while queue and len(running) < workers and not failed:
+            run = queue.pop(0)
+            cmd = run.command(oialr, threads)
+            os.makedirs(os.path.join(ROOT, os.path.dirname(run.out)), exist_ok=True)
             print(f"[{time.strftime('%H:%M:%S')}] {' '.join(cmd)}", flush=True)
-            code = subprocess.call(cmd, cwd=ROOT)
-            if code != 0:
-                sys.exit(f"run {out} stopped with exit code {code}; rerun this command to resume it")
+            with open(os.path.join(ROOT, run.out + ".log"), "a") as log:
+                running[subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)] = run
+        if not running:
+            break
+        proc = _wait_any(running)
+        run = running.pop(proc)
+        if proc.returncode == 0:
+            archive(run)
+            write_report(run.grid)
+            print(f"[{time.strftime('%H:%M:%S')}] finished {run.name}", flush=True)
+        else:
+            failed.append(f"{run.out} (exit code {proc.returncode}; its output: {run.out}.log)")
+    if failed:
+        sys.exit("stopped: " + "; ".join(failed) + "; rerun this command to resume")
 
 
-def write_report(grid: dict, grid_path: str) -> str:
-    groups = run_dirs(grid)
-    finished = {g: [d for d in dirs if os.path.exists(os.path.join(ROOT, d, "results.json"))]
-                for g, dirs in groups.items()}
-    finished = {g: [os.path.join(ROOT, d) for d in dirs] for g, dirs in finished.items() if dirs}
+def _wait_any(running: dict[subprocess.Popen, Run]) -> subprocess.Popen:
+    while True:
+        for proc in running:
+            if proc.poll() is not None:
+                return proc
+        time.sleep(2)
+
+
+def write_report(grid: dict) -> str:
+    finished: dict[str, list[str]] = {}
+    for run in grid_runs(grid):
+        folder = run.finished_dir()
+        if folder is not None:
+            finished.setdefault(run.group, []).append(folder)
     lines = [f"# {os.path.basename(grid['report']).removesuffix('.md')}", "",
-             f"Grid `{os.path.relpath(grid_path, ROOT)}` on `{grid['base']}`; produced by",
-             "", "```bash", f".venv/bin/python benchmarks/experiments.py {os.path.relpath(grid_path, ROOT)}", "```", "",
+             f"Grid `{os.path.relpath(grid['path'], ROOT)}` on `{grid['base']}`; produced by", "",
+             "```bash", f".venv/bin/python benchmarks/experiments.py {os.path.relpath(grid['path'], ROOT)}", "```", "",
              "## Mean ± std over seeds", "", aggregate_table(finished) if finished else "(no finished run yet)", "",
              "## Every run", "",
              compare_table([d for dirs in finished.values() for d in dirs]) if finished else "(none)", "",
@@ -90,16 +180,35 @@ def write_report(grid: dict, grid_path: str) -> str:
     return text
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("grid", help="grid YAML file")
-    parser.add_argument("--report", action="store_true", help="only rewrite the report from finished runs")
-    args = parser.parse_args()
-    with open(args.grid) as f:
+def load_grid(path: str) -> dict:
+    with open(path) as f:
         grid = yaml.safe_load(f)
+    grid["path"] = os.path.abspath(path)
+    grid["name"] = os.path.splitext(os.path.basename(path))[0]
+    return grid
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("grids", nargs="+", metavar="GRID", help="grid YAML files")
+    parser.add_argument("--report", action="store_true", help="only rewrite the reports from finished runs")
+    parser.add_argument("--only", action="append", default=[], metavar="[GRID/]GROUP-sSEED",
+                        help="run only these runs, in this order (repeatable)")
+    parser.add_argument("--workers", type=int, default=1, help="runs trained at the same time (default 1)")
+    parser.add_argument("--threads", type=int, help="intra-op threads of each new run (default: torch's)")
+    args = parser.parse_args(argv)
+    if args.workers < 1 or (args.threads is not None and args.threads < 1):
+        parser.error("--workers and --threads must be >= 1")
+    grids = [load_grid(path) for path in args.grids]
+    runs = select(grids, args.only)
+    for run in (run for grid in grids for run in grid_runs(grid)):     # finished outside this command
+        if os.path.exists(os.path.join(ROOT, run.out, "results.json")) and \
+                not os.path.exists(os.path.join(run.archive, "results.json")):
+            archive(run)
     if not args.report:
-        run_missing(grid, [os.path.join(ROOT, ".venv", "bin", "oialr")])
-    print(write_report(grid, os.path.abspath(args.grid)))
+        run_missing(runs, os.path.join(ROOT, ".venv", "bin", "oialr"), workers=args.workers, threads=args.threads)
+    for grid in grids:
+        print(write_report(grid))
 
 
 if __name__ == "__main__":
