@@ -38,8 +38,10 @@ def test_all_errors_reported_at_once():
 
 def test_semantic_errors():
     with pytest.raises(ConfigError) as err:
-        build_config({"epochs": 0, "lr": -1.0, "model": "vit", "dataset": "mnist1d", "stability_lag": 0})
+        build_config({"epochs": 0, "lr": -1.0, "model": "vit", "dataset": "mnist1d", "stability_lag": 0,
+                      "compile": "sometimes"})
     text = str(err.value)
+    assert "compile must be true or false, got 'sometimes'" in text
     assert "epochs must be an integer >= 1, got 0" in text
     assert "stability_lag must be an integer >= 1, got 0" in text
     assert "lr must be a number in (0, inf), got -1.0" in text

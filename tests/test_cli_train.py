@@ -54,6 +54,30 @@ def test_full_rank_method_has_no_controller(data_dir, tmp_path):
     assert run.controller is None and results["trainable_params"] == results["dense_params"]
 
 
+def test_compile_trains_like_eager(data_dir, tmp_path, monkeypatch):
+    """``compile: true`` trains through torch.compile (backend aot_eager here, to keep the test fast), recompiled
+    after the transition and the rank changes, with the eager run's losses and ranks."""
+    compiled = []
+    real = torch.compile
+
+    def compile_(model, **kwargs):
+        compiled.append(model)
+        return real(model, backend="aot_eager", fullgraph=True)
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    torch._dynamo.reset()
+    runs = {}
+    for flag in (False, True):
+        run = recipe.start_or_resume(tiny(data_dir, compile=flag, epochs=2), str(tmp_path / str(flag)), False,
+                                     log=lambda *a: None)
+        runs[flag] = (run.train(), run.metrics)
+    (eager, eager_rows), (comp, comp_rows) = runs[False], runs[True]
+    assert comp["layers"] == eager["layers"] and comp["transition_step"] == eager["transition_step"] == 20
+    assert len(compiled) >= 2 and all(m is compiled[0] for m in compiled)     # the bare model, rebuilt after changes
+    for a, b in zip(eager_rows, comp_rows):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+
+
 def _interrupt_after(monkeypatch, steps):
     real = recipe.TrainingRun._train_step
 

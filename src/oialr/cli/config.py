@@ -29,7 +29,9 @@ class TrainConfig:
     epochs, batch_size, seed: the usual. augment: random crop + flip for images (never for MNIST-1D).
     optimizer: ``adamw`` or ``sgd`` (with ``momentum``); lr, weight_decay; learning rate: linear warm-up over
         ``lr_warmup_epochs``, then cosine to 0. label_smoothing; grad_clip: max gradient norm (``null`` = off).
-    threads: torch intra-op threads (``null`` = torch's default). oialr: :class:`oialr.OIALRConfig` fields.
+    threads: torch intra-op threads (``null`` = torch's default). compile: train through ``torch.compile(model)``
+        (recompiled when the transition or a rank change replaces Σ; evaluation stays eager).
+        oialr: :class:`oialr.OIALRConfig` fields.
     stability_every: record every layer's basis stability every this many steps for the whole run
         (``stability.jsonl``/``.csv``, plots by ``oialr stability DIR``); ``null`` = off. stability_lag: compare each
         sample with the one this many samples earlier (bases ``stability_lag · stability_every`` steps apart).
@@ -52,6 +54,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     grad_clip: float | None = 5.0
     threads: int | None = None
+    compile: bool = False
     stability_every: int | None = None
     stability_lag: int = 1
     oialr: OIALRConfig = field(default_factory=lambda: OIALRConfig(warmup_steps=300, update_every=60, cutoff=0.1))
@@ -91,7 +94,8 @@ def _errors(cfg: TrainConfig) -> list[str]:
         positive_int(name)
     check(is_int(cfg.seed) and cfg.seed >= 0,
           f"seed must be an integer >= 0, got {cfg.seed!r}")
-    check(isinstance(cfg.augment, bool), f"augment must be true or false, got {cfg.augment!r}")
+    for name in ("augment", "compile"):
+        check(isinstance(getattr(cfg, name), bool), f"{name} must be true or false, got {getattr(cfg, name)!r}")
     number("lr", 0, low_open=True)
     number("weight_decay", 0)
     number("momentum", 0, 1)

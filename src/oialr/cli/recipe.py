@@ -85,6 +85,8 @@ class TrainingRun:
             self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                              weight_decay=cfg.weight_decay)
         wrap = distributed.ddp if self.world_size > 1 else None
+        if cfg.compile:
+            wrap = _compiled(wrap)
         self.controller = OIALR(self.model, self.optimizer, cfg.oialr, wrap=wrap) if cfg.method == "oialr" else None
         self._net = self.model if wrap is None or self.controller is not None else wrap(self.model)
         self.tracker = None if cfg.stability_every is None or self.rank != 0 else StabilityTracker(
@@ -266,6 +268,11 @@ class TrainingRun:
             self.files.final(results, self.metrics, self.model, self.tracker, self.log)
         distributed.barrier()
         return results
+
+def _compiled(wrap):
+    """``wrap`` (or nothing) followed by ``torch.compile``."""
+    return lambda model: torch.compile(model if wrap is None else wrap(model))
+
 
 def start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, *, log=print) -> TrainingRun:
     """A ready :class:`TrainingRun`: new (``out`` must not hold one) or restored from ``out/checkpoint.pt``.

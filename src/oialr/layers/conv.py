@@ -54,8 +54,8 @@ class LowRankConv(LowRankLayer):
             positions = math.prod(spatial)
         else:
             pad = (0,) * dims if padding in ("valid", 0) else padding
-            positions = math.prod((size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d
-                                  in zip(spatial, self.kernel_size, self.stride, pad, self.dilation))
+            positions = math.prod([(size + 2 * p - d * (k - 1) - 1) // s + 1 for size, k, s, p, d       # a list:
+                                   in zip(spatial, self.kernel_size, self.stride, pad, self.dilation)])  # compiles
         return max(math.prod(x.shape[:-dims - 1]) * positions, 1)
 
     def forward(self, x: Tensor) -> Tensor:
