@@ -139,6 +139,24 @@ def test_compare_table(data_dir, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| run | method | model | top1") and len(lines) == 4
     assert main(["compare", str(tmp_path / "missing")]) == 2
+    assert "results.json does not exist: is" in capsys.readouterr().err
+
+
+def test_compare_by_epoch(tmp_path, capsys):
+    for name, rows in {"a": [0.5, 0.625], "b": [0.75]}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"epoch": i + 1, "test_top1": v, "train_loss": 2.0 - v}) + "\n" for i, v in enumerate(rows)))
+    runs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert main(["compare", "--by-epoch", "--", *runs]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "| test_top1 by epoch | 1 | 2 |", "|---|---|---|", "| a | 50.0 | 62.5 |", "| b | 75.0 | — |"]
+    assert main(["compare", *runs, "--by-epoch", "train_loss"]) == 0
+    assert capsys.readouterr().out.splitlines()[2] == "| a | 1.5000 | 1.3750 |"
+    assert main(["compare", str(tmp_path), "--by-epoch"]) == 2
+    assert "metrics.jsonl does not exist: is" in capsys.readouterr().err
+    assert main(["compare", runs[0], "--by-epoch", "nope"]) == 2
+    assert "is not a metrics file of oialr train (KeyError('nope'))" in capsys.readouterr().err
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):

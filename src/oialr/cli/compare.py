@@ -1,4 +1,5 @@
-"""``oialr compare``: a markdown table of runs side by side, from their ``results.json``."""
+"""``oialr compare``: a markdown table of runs side by side, from their ``results.json`` (or, by epoch, from their
+``metrics.jsonl``)."""
 from __future__ import annotations
 
 import json
@@ -34,6 +35,26 @@ def compare_table(run_dirs: list[str]) -> str:
                      f"{r['train_seconds']:.1f}",
                      f"{r['peak_rss_mb']:.0f}"))
     return _markdown(header, rows)
+
+
+def epoch_table(run_dirs: list[str], key: str = "test_top1") -> str:
+    """One row per run, one column per epoch: ``key`` of ``metrics.jsonl`` (test top-1 in %, or the value)."""
+    series = {}
+    for run_dir in run_dirs:
+        path = os.path.join(run_dir, "metrics.jsonl")
+        try:
+            with open(path) as f:
+                series[os.path.basename(os.path.normpath(run_dir))] = {row["epoch"]: row[key] for row in map(
+                    json.loads, f)}
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist: is {run_dir} a run folder?") from None
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ConfigError(f"{path} is not a metrics file of oialr train ({err!r})") from None
+    epochs = sorted({epoch for rows in series.values() for epoch in rows})
+    scale = 100 if key.endswith("top1") else 1
+    rows = [(name, *(f"{scale * rows[e]:.{1 if scale == 100 else 4}f}" if e in rows else "—" for e in epochs))
+            for name, rows in series.items()]
+    return _markdown((f"{key} by epoch", *map(str, epochs)), rows)
 
 
 def aggregate_table(groups: dict[str, list[str]]) -> str:

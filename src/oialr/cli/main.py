@@ -34,6 +34,8 @@ def _train_parser(sub) -> None:
 def _compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="a markdown table of finished runs side by side")
     p.add_argument("runs", nargs="+", metavar="DIR")
+    p.add_argument("--by-epoch", metavar="KEY", nargs="?", const="test_top1",
+                   help="one column per epoch of a metrics.jsonl key instead (default key: test_top1)")
 
 
 def _stability_parser(sub) -> None:
@@ -57,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             from .stability_report import report
             print(json.dumps(report(args.run), indent=2))
             return 0
-        from .compare import compare_table
-        print(compare_table(args.runs))
+        from .compare import compare_table, epoch_table
+        print(compare_table(args.runs) if args.by_epoch is None else epoch_table(args.runs, args.by_epoch))
         return 0
     except (ConfigError, _data_error()) as err:
         print(f"{_prog()}: error: {err}", file=sys.stderr)
