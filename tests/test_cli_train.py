@@ -148,14 +148,14 @@ def test_compare_by_epoch(tmp_path, capsys):
         (tmp_path / name / "metrics.jsonl").write_text("".join(
             json.dumps({"epoch": i + 1, "test_top1": v, "train_loss": 2.0 - v}) + "\n" for i, v in enumerate(rows)))
     runs = [str(tmp_path / "a"), str(tmp_path / "b")]
-    assert main(["compare", "--by-epoch", "--", *runs]) == 0
+    assert main(["compare", "--by-epoch", *runs]) == 0
     assert capsys.readouterr().out.splitlines() == [
         "| test_top1 by epoch | 1 | 2 |", "|---|---|---|", "| a | 50.0 | 62.5 |", "| b | 75.0 | — |"]
-    assert main(["compare", *runs, "--by-epoch", "train_loss"]) == 0
+    assert main(["compare", *runs, "--by-epoch", "--key", "train_loss"]) == 0
     assert capsys.readouterr().out.splitlines()[2] == "| a | 1.5000 | 1.3750 |"
     assert main(["compare", str(tmp_path), "--by-epoch"]) == 2
     assert "metrics.jsonl does not exist: is" in capsys.readouterr().err
-    assert main(["compare", runs[0], "--by-epoch", "nope"]) == 2
+    assert main(["compare", runs[0], "--by-epoch", "--key", "nope"]) == 2
     assert "is not a metrics file of oialr train (KeyError('nope'))" in capsys.readouterr().err
 
 

@@ -34,8 +34,8 @@ def _train_parser(sub) -> None:
 def _compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="a markdown table of finished runs side by side")
     p.add_argument("runs", nargs="+", metavar="DIR")
-    p.add_argument("--by-epoch", metavar="KEY", nargs="?", const="test_top1",
-                   help="one column per epoch of a metrics.jsonl key instead (default key: test_top1)")
+    p.add_argument("--by-epoch", action="store_true", help="one column per epoch of --key instead")
+    p.add_argument("--key", default="test_top1", help="the metrics.jsonl key --by-epoch shows (default: test_top1)")
 
 
 def _stability_parser(sub) -> None:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(report(args.run), indent=2))
             return 0
         from .compare import compare_table, epoch_table
-        print(compare_table(args.runs) if args.by_epoch is None else epoch_table(args.runs, args.by_epoch))
+        print(compare_table(args.runs) if not args.by_epoch else epoch_table(args.runs, args.key))
         return 0
     except (ConfigError, _data_error()) as err:
         print(f"{_prog()}: error: {err}", file=sys.stderr)
