@@ -1,0 +1,35 @@
+"""oialr.files: crash-safe writes leave the old file or the new one, with ordinary permissions."""
+import os
+import stat
+
+import pytest
+
+from oialr import files
+
+
+def test_atomic_write_replaces_whole_and_keeps_nothing_on_failure(tmp_path):
+    path = str(tmp_path / "sub" / "r.json")
+    files.write_json(path, {"a": 1})
+    assert open(path).read() == '{\n  "a": 1\n}\n'
+
+    def fail(f):
+        f.write(b"partial")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        files.atomic_write(path, fail)
+    assert open(path).read() == '{\n  "a": 1\n}\n'
+    assert os.listdir(tmp_path / "sub") == ["r.json"]          # no temporary file left behind
+
+
+def test_new_files_get_the_umask_mode_and_existing_files_keep_theirs(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = str(tmp_path / "new.txt")
+        files.write_text(path, "x")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+        os.chmod(path, 0o600)
+        files.write_text(path, "y")
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and open(path).read() == "y"
+    finally:
+        os.umask(old)
