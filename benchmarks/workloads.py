@@ -76,6 +76,9 @@ WORKLOADS = {w.name: w for w in (
              128, (1, 28, 28), lambda: build_model("vit", (1, 28, 28), 10)),
     Workload("resnet18", "ResNet-18 (timm, 3×3 stem, no max-pool) on 1×28×28, batch 32",
              32, (1, 28, 28), lambda: build_model("resnet18", (1, 28, 28), 10)),
+    Workload("resnet18-stem", "ResNet-18 (timm, ImageNet stem: 7×7 stride 2 + max-pool, as "
+             "configs/fmnist_resnet18.yaml) on 1×28×28, batch 128", 128, (1, 28, 28),
+             lambda: build_model("resnet18", (1, 28, 28), 10, small_stem=False)),
     Workload("block512", "one timm ViT Block, width 512, 8 heads, sequence 64, batch 32 (+ mean pool, Linear head)",
              32, (64, 512), lambda: transformer_block(512, 8)),
     Workload("block1024", "one timm ViT Block, width 1024, 16 heads, sequence 64, batch 16 (+ mean pool, Linear head)",
