@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -114,12 +113,12 @@ def select(grids: list[dict], only: list[str]) -> list[Run]:
 
 
 def archive(run: Run) -> None:
-    """Copy the run's small result files to its archive folder (kept in git)."""
-    os.makedirs(run.archive, exist_ok=True)
+    """Copy the run's small result files to its archive folder (kept in git), each written whole or not at all."""
     for name in ARCHIVED:
         source = os.path.join(ROOT, run.out, name)
         if os.path.exists(source):
-            shutil.copyfile(source, os.path.join(run.archive, name))
+            with open(source) as f:
+                files.write_text(os.path.join(run.archive, name), f.read())
 
 
 def run_missing(runs: list[Run], oialr: str, *, workers: int, threads: int | None) -> None:

@@ -269,6 +269,7 @@ class TrainingRun:
         distributed.barrier()
         return results
 
+
 def _compiled(wrap):
     """``wrap`` (or nothing) followed by ``torch.compile``."""
     return lambda model: torch.compile(model if wrap is None else wrap(model))
