@@ -128,7 +128,7 @@ def test_rank_fraction_caps_the_rank():
     assert model[0].rank == 3                            # ceil(0.25 · 10)
 
 
-@pytest.mark.parametrize("max_drop, min_rank, expected", [(1.0, 1, 2), (0.5, 1, 3), (1.0, 4, 4)])
+@pytest.mark.parametrize("max_drop, min_rank, expected", [(1.0, 1, 2), (0.5, 1, 3), (1.0, 4, 4), (0.0, 1, 6)])
 def test_basis_update_truncates_sigma(max_drop, min_rank, expected):
     model = nn.Sequential(nn.Linear(8, 6), nn.Linear(6, 2))
     nn.init.orthogonal_(model[0].weight)                  # all singular values 1: full rank 6 at the transition

@@ -35,7 +35,8 @@ class OIALRConfig:
         rank_fraction: at the transition keep at most ``ceil(rank_fraction * min(m, n))`` values; in ``(0, 1]``.
         min_rank: never cut a layer below this rank (``>= 1``; capped at the layer's full rank).
         max_drop_fraction: remove at most ``floor(max_drop_fraction * r)`` of a layer's ``r`` values per basis update;
-            ``0.5`` is the paper's "at most half per update"; ``1.0`` (default) removes everything under the cutoff.
+            ``0.5`` is the paper's "at most half per update"; ``1.0`` (default) removes everything under the cutoff;
+            ``0`` cuts only at the transition (the ranks stay fixed after it; basis updates only rotate).
 
     Which layers (``nn.Linear``, ``nn.Conv1d/2d/3d`` with ``groups=1``, ``nn.MultiheadAttention`` projections)
         target_modules: ``None`` = every eligible layer; a list of names = layers whose qualified name equals an entry
@@ -86,8 +87,9 @@ class OIALRConfig:
               f"rank_fraction must be a number in (0, 1], got {self.rank_fraction!r}")
         check(is_int(self.min_rank) and self.min_rank >= 1,
               f"min_rank must be an integer >= 1, got {self.min_rank!r}")
-        check(is_real(self.max_drop_fraction) and 0.0 < self.max_drop_fraction <= 1.0,
-              f"max_drop_fraction must be a number in (0, 1] (0.5 = the paper's 'at most half'), "
+        check(is_real(self.max_drop_fraction) and 0.0 <= self.max_drop_fraction <= 1.0,
+              f"max_drop_fraction must be a number in [0, 1] (0.5 = the paper's 'at most half', 0 = no cut after "
+              f"the transition), "
               f"got {self.max_drop_fraction!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
