@@ -13,6 +13,8 @@ import harness
 import step_time
 from workloads import FULL_RANK, REBUILD, WORKLOADS
 
+from oialr import files
+
 METHOD = """\
 How to read these tables:
 - **Step time**: one training step = `zero_grad`, forward, cross-entropy, backward, `AdamW.step()` on one fixed random
@@ -98,13 +100,6 @@ def activation_memory(numbers: dict) -> str:
         *(notes or ["No factored config saves more than full-rank."]), ""])
 
 
-def write_atomically(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=sorted(WORKLOADS), default=list(WORKLOADS))
@@ -167,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         doc += ["## Width scaling", "", width_scaling({k: v for k, v in numbers.items() if k in WIDTHS})]
     doc += [*where, "## Method", "", METHOD, "## Results", "", *sections]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    write_atomically(args.out, "\n".join(doc).rstrip() + "\n")
+    files.write_text(args.out, "\n".join(doc).rstrip() + "\n")
     print(f"[{time.perf_counter() - start:6.0f}s] wrote {args.out}", flush=True)
     return 0
 
