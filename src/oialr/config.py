@@ -89,8 +89,7 @@ class OIALRConfig:
               f"min_rank must be an integer >= 1, got {self.min_rank!r}")
         check(is_real(self.max_drop_fraction) and 0.0 <= self.max_drop_fraction <= 1.0,
               f"max_drop_fraction must be a number in [0, 1] (0.5 = the paper's 'at most half', 0 = no cut after "
-              f"the transition), "
-              f"got {self.max_drop_fraction!r}")
+              f"the transition), got {self.max_drop_fraction!r}")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, tuple):
