@@ -30,14 +30,21 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
         raise
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)                            # the only portable way to read it is to set it; done once, at
+    os.umask(umask)                                # import, so no other thread can create a file in between
+    return umask
+
+
+_UMASK = _read_umask()
+
+
 def _mode(path: str) -> int:
-    """The existing file's permissions, else 0666 less the process umask."""
+    """The existing file's permissions, else 0666 less the process umask (as read at import)."""
     try:
         return os.stat(path).st_mode & 0o777
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return 0o666 & ~_UMASK
 
 
 def write_text(path: str, text: str) -> None:
