@@ -207,7 +207,6 @@ def test_compiled_ddp_trains_as_one_eager_process(tmp_path):
     assert logs[0]["losses"] == pytest.approx(eager["losses"], rel=1e-5)
 
 
-
 # ---------------------------------------------------------------------------------------- the training recipe
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
