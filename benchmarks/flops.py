@@ -95,15 +95,26 @@ class FlopModel:
     def step_macs(self, config) -> int:
         """Predicted multiply-adds of a training step (forward + backward) of the whole model under ``config``
         (a ``workloads.Config``)."""
+        if config.rank_fraction is None:
+            return self.macs_at({})
+        ranks = {info.name: math.ceil(config.rank_fraction * min(info.shape)) for info in self.layers if info.convert}
+        return self.macs_at(ranks, config.path)
+
+    def macs_at(self, ranks: dict[str, int], path: str | None = None) -> int:
+        """Multiply-adds of a training step with the layers named in ``ranks`` factored at those ranks (on ``path``,
+        ``None`` = the library's choice) and every other layer dense."""
+        unknown = sorted(set(ranks) - set(self.tokens))
+        if unknown:
+            raise KeyError(f"ranks name layers this model does not have: {unknown}")
         total = 3 * self.attention_macs
         for info in self.layers:
             m, n = info.shape
             t = self.tokens[info.name]
-            if config.rank_fraction is None or not info.convert:
+            if info.name not in ranks:
                 total += training_macs(t, m, n, min(m, n), "full")
                 continue
-            r = math.ceil(config.rank_fraction * min(m, n))
-            total += training_macs(t, m, n, r, choose_path(config.path, t, m, n, r))
+            r = ranks[info.name]
+            total += training_macs(t, m, n, r, choose_path(path, t, m, n, r))
         return total
 
     def layer_rows(self, fractions: list[float]) -> list[list]:
