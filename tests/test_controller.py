@@ -168,6 +168,31 @@ def test_sigma_joins_the_weights_param_group():
     assert any(p is model[2].lowrank_S for p in opt.param_groups[1]["params"])
 
 
+def test_transition_frees_each_dense_weight_and_its_state_before_the_next_svd(monkeypatch):
+    import gc
+    import weakref
+
+    import oialr.controller
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctl = OIALR(model, opt, OIALRConfig(warmup_steps=2, **FULL))
+    train(model, opt, ctl, batches((8, 16), 4, 1))          # AdamW state exists for every dense weight
+    converted, alive_at_call = [], []
+
+    def convert_layer(*args, **kwargs):
+        gc.collect()
+        alive_at_call.append([ref() is not None for ref in converted])
+        weight, layer = real(*args, **kwargs)
+        converted.append(weakref.ref(weight))
+        return weight, layer
+
+    real = oialr.controller.convert_layer
+    monkeypatch.setattr(oialr.controller, "convert_layer", convert_layer)
+    train(model, opt, ctl, batches((8, 16), 4, 1, seed=1))
+    assert ctl.phase == "low-rank"
+    assert alive_at_call == [[], [False]]                 # two layers convert; the output layer stays dense
+
+
 def test_adam_first_update_after_transition_is_not_oversized():
     model = mlp()
     lr = 1e-2

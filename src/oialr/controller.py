@@ -140,14 +140,15 @@ class OIALR:
     def _transition(self, reason: str, ranks: dict[str, int] | None = None) -> None:
         """Factor every target weight (ranks from the config, or ``ranks`` when restoring a saved run)."""
         self._warn_unknown_optimizer()
-        converted = [convert_layer(self.model, info.name, config=self.config,
-                                   rank=None if ranks is None else ranks[info.name])
-                     for info in self.layer_infos if info.convert]
-        if ranks is None:                               # fresh SVDs: every process adopts rank 0's factors and ranks
-            distributed.broadcast_factors([layer for _, layer in converted])
-        for weight, layer in converted:
-            optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S,
-                                      layer.lowrank_U.double(), layer.lowrank_V.double())
+        for info in self.layer_infos:                   # one layer at a time: its dense weight and optimizer state
+            if not info.convert:                        # are freed before the next layer's SVD
+                continue
+            weight, layer = convert_layer(self.model, info.name, config=self.config,
+                                          rank=None if ranks is None else ranks[info.name])
+            if ranks is None:                           # fresh SVD: every process adopts rank 0's factors and rank
+                distributed.broadcast_factors([layer])
+            optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S, layer.lowrank_U, layer.lowrank_V)
+            del weight
         self._wrapped = None                            # new Parameters: the wrapper is rebuilt on next use
         self.transition_step = self.step_count
         self.transition_reason = reason

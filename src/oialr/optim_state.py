@@ -55,10 +55,12 @@ def swap_param(optimizer: torch.optim.Optimizer, old: Tensor, new: nn.Parameter)
 
 @torch.no_grad()
 def enter_lowrank(optimizer: torch.optim.Optimizer, weight: Tensor, S: nn.Parameter, U: Tensor, V: Tensor) -> None:
-    """Transition: ``S`` replaces ``weight`` in the optimizer, with the state described in the module docstring."""
+    """Transition: ``S`` replaces ``weight`` in the optimizer, with the state described in the module docstring
+    (SGD's momentum projected in float64)."""
     old_state = swap_param(optimizer, weight, S)
     if optimizer_kind(optimizer) == "sgd" and old_state.get("momentum_buffer") is not None:
-        buf = old_state["momentum_buffer"].reshape(U.shape[0], V.shape[0]).to(U.dtype)
+        U, V = U.double(), V.double()
+        buf = old_state["momentum_buffer"].reshape(U.shape[0], V.shape[0]).double()
         optimizer.state[S] = {"momentum_buffer": (U.mT @ buf @ V).to(S.dtype)}
 
 

@@ -1,0 +1,61 @@
+"""Memory the transition needs on top of the full-rank training state: the peak RSS increase while
+``OIALR.step()`` converts every layer, after two AdamW steps (so the dense weights have optimizer state).
+
+    MALLOC_MMAP_THRESHOLD_=65536 .venv/bin/python benchmarks/transition_memory.py --width 2048 --depth 3
+
+The model is the CLI's MLP on Fashion-MNIST-shaped input (784 -> depth × width -> 10), batch 128, one thread.
+``MALLOC_MMAP_THRESHOLD_`` makes glibc return freed tensors to the OS at once, so RSS follows live memory.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+import harness
+import oialr
+from oialr.cli.models import build_model
+
+
+def rss_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--cutoff", type=float, default=0.0, help="OIALR cutoff (0 keeps every singular value)")
+    args = parser.parse_args()
+    harness.setup_torch(1)
+    torch.manual_seed(0)
+    model = build_model("mlp", (1, 28, 28), 10, width=args.width, depth=args.depth)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ctl = oialr.OIALR(model, opt, oialr.OIALRConfig(warmup_steps=2, cutoff=args.cutoff))
+    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+    for step in (1, 2):
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if step == 1:
+            ctl.step()                                  # step 2's ctl.step() below is the transition
+    opt.zero_grad(set_to_none=True)
+    dense_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    before = rss_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                                    # reset the peak-RSS mark
+    ctl.step()
+    assert ctl.phase == "low-rank"
+    print(f"mlp {args.depth} x {args.width}: parameters {dense_mb:.1f} MiB (AdamW state twice that); transition "
+          f"peak RSS +{rss_mb('VmHWM') - before:.0f} MiB, after it {rss_mb('VmRSS') - before:+.0f} MiB "
+          f"(cutoff {args.cutoff}, {sum(layer.rank for layer in ctl.lowrank_layers().values())} singular values kept)")
+
+
+if __name__ == "__main__":
+    main()
