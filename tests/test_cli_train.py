@@ -33,8 +33,15 @@ def test_run_writes_results_and_files(data_dir, tmp_path):
     out = str(tmp_path / "run")
     run = recipe.start_or_resume(tiny(data_dir), out, resume=False, log=lambda *a: None)
     results = run.train()
-    for name in ("results.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "curves.png", "ranks.png"):
+    for name in ("results.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "model.pt", "curves.png",
+                 "ranks.png"):
         assert os.path.exists(os.path.join(out, name)), name
+    exported = torch.load(os.path.join(out, "model.pt"), weights_only=False)
+    assert not any(type(m).__module__.startswith("oialr") for m in exported.modules())
+    assert sum(p.numel() for p in exported.parameters()) == results["compact_params"] < results["stored_params"]
+    x = torch.randn(5, 1, 40)
+    run.model.eval()
+    torch.testing.assert_close(exported(x), run.model(x), rtol=1e-4, atol=1e-5)
     saved = json.load(open(os.path.join(out, "results.json")))
     assert saved == json.loads(json.dumps(results))
     assert 0.0 <= saved["top1"] <= 1.0 and saved["best_top1"] >= saved["top1"]

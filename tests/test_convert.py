@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 import oialr
-from oialr import OIALRConfig, find_layers, merge_lowrank
+from oialr import OIALRConfig, compact_lowrank, find_layers, merge_lowrank
 from oialr.convert import convert_layer
-from models import CrossAttention, mlp, transformer
+from models import MODELS, CrossAttention, mlp, transformer
 
 
 def plan(model, **kwargs):
@@ -95,6 +95,63 @@ def test_merge_lowrank_restores_dense_types_and_function():
     torch.testing.assert_close(model(x), factored, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(model(x), factored, rtol=1e-4, atol=1e-5)   # torch's fast path on merged weights
+
+
+def _oialr_modules(model):
+    return [m for m in model.modules() if isinstance(m, (oialr.LowRankLayer, oialr.LowRankMultiheadAttention))]
+
+
+@pytest.mark.parametrize("name,build,shape,n_out", MODELS, ids=[m[0] for m in MODELS])
+def test_compact_lowrank_keeps_the_function_and_stores_the_fewest_parameters(name, build, shape, n_out):
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(*shape)
+    ctl = oialr.OIALR(model, torch.optim.AdamW(model.parameters()), OIALRConfig(warmup_steps=0, rank_fraction=0.25))
+    factored = model(x)
+    merged = {n for n, m in model.named_modules() if isinstance(m, (oialr.LowRankMultiheadAttention,
+                                                                     nn.TransformerEncoderLayer))}
+    expected = sum(p.numel() for n, p in model.named_parameters() if not n.rpartition(".")[2].startswith("lowrank_"))
+    for n, layer in ctl.lowrank_layers().items():
+        (m, k), r = layer.matrix_shape, layer.rank
+        expected += m * k if n.rpartition(".")[0] in merged else min(r * (m + k), m * k)
+    compact_lowrank(model)
+    assert _oialr_modules(model) == []
+    assert sum(p.numel() for p in model.parameters()) == expected
+    torch.testing.assert_close(model(x), factored, rtol=1e-4, atol=1e-5)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_compact_layers_two_factors_or_dense_by_size():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 40), nn.ReLU(), nn.Linear(40, 3))
+    convert_layer(model, "0", rank=8)                       # 8·(48 + 64) < 48·64: two layers
+    convert_layer(model, "2", rank=25)                      # 25·(40 + 48) >= 40·48: dense
+    bias = model[0].bias
+    compact_lowrank(model)
+    down, up = model[0]
+    assert (type(down), type(up), down.weight.shape, up.weight.shape) == (nn.Linear, nn.Linear, (8, 64), (48, 8))
+    assert down.bias is None and up.bias is bias           # the bias Parameter object is kept
+    assert type(model[2]) is nn.Linear and model[2].weight.shape == (40, 48)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(6, 10, 3, stride=2, padding=1, dilation=1, padding_mode="reflect"),
+    nn.Conv1d(5, 12, 5, padding=4, dilation=2, bias=False),
+    nn.Conv3d(4, 8, (1, 3, 3), padding=(0, 1, 1)),
+], ids=["conv2d-reflect-stride", "conv1d-dilated-nobias", "conv3d"])
+def test_compact_conv_is_a_conv_then_a_pointwise_conv(conv):
+    torch.manual_seed(0)
+    model = nn.Sequential(conv)
+    x = torch.randn(2, conv.in_channels, *(7,) * len(conv.kernel_size))
+    convert_layer(model, "0", rank=2)
+    factored = model(x)
+    compact_lowrank(model)
+    down, up = model[0]
+    assert type(down) is type(conv) and type(up) is type(conv)
+    assert (down.kernel_size, down.stride, down.padding, down.dilation, down.padding_mode) == \
+        (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.padding_mode)
+    assert up.kernel_size == (1,) * len(conv.kernel_size) and (up.bias is None) == (conv.bias is None)
+    torch.testing.assert_close(model(x), factored, rtol=1e-4, atol=1e-5)
 
 
 def test_convert_layer_rank_errors():

@@ -2,7 +2,7 @@
 from . import distributed
 from .config import OIALRConfig
 from .controller import OIALR
-from .convert import find_layers, format_table, merge_lowrank
+from .convert import compact_lowrank, find_layers, format_table, merge_lowrank
 from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention
 from .stability import PlateauRule, StabilityTracker, basis_stability
 
@@ -18,6 +18,7 @@ __all__ = [
     "find_layers",
     "format_table",
     "merge_lowrank",
+    "compact_lowrank",
     "basis_stability",
     "StabilityTracker",
     "PlateauRule",

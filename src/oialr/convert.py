@@ -1,10 +1,11 @@
-"""Find the layers OIALR converts, swap them for factored layers, report them, and merge back to dense."""
+"""Find the layers OIALR converts, swap them for factored layers, report them, and export them as plain torch
+layers (dense, or compact)."""
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -175,11 +176,35 @@ def merge_lowrank(model: nn.Module) -> nn.Module:
     """Replace every factored layer by the dense layer it computes (``W = U Σ Vᵀ``), in place; returns ``model``.
 
     For inference or export: the merged model has the original layer types and ``r·(m + n)`` is no longer stored
-    per layer but ``m·n``. (To keep the compact form, save the factored model's ``state_dict`` instead.)
+    per layer but ``m·n``. :func:`compact_lowrank` keeps the smaller of the two.
     """
+    return _replace_lowrank(model, lambda layer: layer.to_dense())
+
+
+def compact_lowrank(model: nn.Module) -> nn.Module:
+    """Replace every factored layer by plain torch layers storing the fewest parameters, in place; returns ``model``.
+
+    A layer with ``r·(m + n) < m·n`` becomes ``nn.Sequential`` of two layers of its type (``Σ Vᵀ`` then ``U`` and the
+    bias, e.g. ``Linear(n, r, bias=False)``, ``Linear(r, m)``; a conv keeps its kernel, stride and padding in the
+    first and adds a 1×1 conv), any other the dense layer. Layers of ``nn.MultiheadAttention``,
+    ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer`` are merged to dense: these modules read their
+    layers' weights themselves (as would a module of yours that reads ``child.weight``: use :func:`merge_lowrank`
+    for it). The frozen ``U``, ``V`` and ``Σ`` become ``r·(m + n)`` parameters instead of ``r·(m + n + r)``, and
+    the model no longer needs oialr to run or load.
+    """
+    return _replace_lowrank(model, lambda layer: layer.to_compact())
+
+
+# torch modules that read their layers' weights themselves (fused fast paths): their factored layers merge to dense
+_READ_CHILD_WEIGHTS = (LowRankMultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _replace_lowrank(model: nn.Module, export: Callable[[LowRankLayer], nn.Module]) -> nn.Module:
     for name, module in list(model.named_modules()):
         if isinstance(module, LowRankLayer):
-            replace_module(model, name, module.to_dense())
+            parent = model.get_submodule(name.rpartition(".")[0])
+            replace_module(model, name, module.to_dense() if isinstance(parent, _READ_CHILD_WEIGHTS)
+                           else export(module))
     for name, module in list(model.named_modules()):
         if isinstance(module, LowRankMultiheadAttention):
             replace_module(model, name, module.to_torch())

@@ -2,6 +2,7 @@
 single-process or one process of a ``torchrun`` job (``docs/DISTRIBUTED.md``)."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 import resource
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import OIALR, StabilityTracker, distributed, files
+from .. import OIALR, StabilityTracker, compact_lowrank, distributed, files
 from .config import ConfigError, TrainConfig, build_config
 from .data import Loader, load_dataset
 from .models import build_model
@@ -246,6 +247,7 @@ class TrainingRun:
     def results(self) -> dict[str, Any]:
         final = self.metrics[-1] if self.metrics else {}
         summary = self.controller.summary() if self.controller is not None else None
+        compact = compact_lowrank(copy.deepcopy(self.model)).eval()
         results = {
             "top1": final.get("test_top1"),
             "best_top1": max((m["test_top1"] for m in self.metrics), default=None),
@@ -253,6 +255,7 @@ class TrainingRun:
             "epochs": self.epoch, "steps": self.step,
             "trainable_params": final.get("trainable_params"), "dense_params": self.dense_params,
             "stored_params": final.get("stored_params"),
+            "compact_params": sum(p.numel() for p in compact.parameters()),
             "train_seconds": self.train_seconds,
             "peak_rss_mb": distributed.all_reduce(      # the largest process
                 [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], op="max")[0],
@@ -265,7 +268,7 @@ class TrainingRun:
             "config": self.cfg.to_dict(),
         }
         if self.rank == 0:
-            self.files.final(results, self.metrics, self.model, self.tracker, self.log)
+            self.files.final(results, self.metrics, self.model, compact, self.tracker, self.log)
         distributed.barrier()
         return results
 

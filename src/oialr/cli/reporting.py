@@ -65,10 +65,12 @@ class RunFiles:
                 self._writer.add_scalar(key, row[key], row["epoch"])
             self._writer.flush()
 
-    def final(self, results: dict, metrics: list[dict], model: nn.Module, tracker: StabilityTracker | None,
-              log) -> None:
-        """``results.json``, ``spectra.json`` (with a tracker) and the PNG plots."""
+    def final(self, results: dict, metrics: list[dict], model: nn.Module, compact: nn.Module,
+              tracker: StabilityTracker | None, log) -> None:
+        """``results.json``, ``model.pt`` (the trained model as plain torch layers, :func:`oialr.compact_lowrank`;
+        ``torch.load(path, weights_only=False)``), ``spectra.json`` (with a tracker) and the PNG plots."""
         files.write_json(self.path("results.json"), results)
+        files.save_torch(self.path("model.pt"), compact)
         if tracker is not None:
             files.write_json(self.path("spectra.json"), spectra(model, tracker.layers))
         try:

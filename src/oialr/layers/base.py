@@ -41,7 +41,8 @@ class LowRankLayer(nn.Module):
 
     ``lowrank_U (m×r)`` and ``lowrank_V (n×r)`` are frozen Parameters (``requires_grad=False``: no gradient, no
     optimizer state); ``lowrank_S`` is ``Σ (r×r)``, a full square trainable matrix. Subclasses hold the rest of the
-    original layer (its bias Parameter object, strides, ...) and implement ``forward`` and ``to_dense``.
+    original layer (its bias Parameter object, strides, ...) and implement ``forward``, ``to_dense`` and
+    ``_two_layers``.
     """
 
     def __init__(self, U: Tensor, S: Tensor, V: Tensor) -> None:
@@ -97,6 +98,22 @@ class LowRankLayer(nn.Module):
         self.lowrank_U = nn.Parameter(U.to(ref), requires_grad=False)
         self.lowrank_S = nn.Parameter(S.to(ref), requires_grad=ref.requires_grad)
         self.lowrank_V = nn.Parameter(V.to(ref), requires_grad=False)
+
+    def to_compact(self) -> nn.Module:
+        """The plain-torch form storing the fewest parameters: two layers, ``Σ Vᵀ (r×n)`` then ``U (m×r)`` (and the
+        bias), when ``r·(m + n) < m·n``; else :meth:`to_dense`. Same function as this layer."""
+        m, n = self.matrix_shape
+        if self.rank * (m + n) >= m * n:
+            return self.to_dense()
+        trains = self.lowrank_S.requires_grad
+        with torch.no_grad():
+            first = nn.Parameter((self.lowrank_S @ self.lowrank_V.mT).contiguous(), requires_grad=trains)
+            last = nn.Parameter(self.lowrank_U.detach().clone(), requires_grad=trains)
+        return self._two_layers(first, last)
+
+    def _two_layers(self, first: nn.Parameter, last: nn.Parameter) -> nn.Sequential:
+        """``x ↦ last · (first · x) + b`` as two layers of the original type (``first (r×n)``, ``last (m×r)``)."""
+        raise NotImplementedError
 
     def _as_dense(self, layer: nn.Module) -> nn.Module:
         """Give a freshly built dense ``layer`` this layer's weight ``U Σ Vᵀ`` and its bias Parameter object."""

@@ -83,6 +83,22 @@ class LowRankConv(LowRankLayer):
                     device=S.device, dtype=S.dtype)
         return self._as_dense(layer)
 
+    def _two_layers(self, first: nn.Parameter, last: nn.Parameter) -> nn.Sequential:
+        """``ConvNd(c_in, r)`` with the original kernel size, stride, padding and dilation and kernels ``first``, then
+        a 1×1 ``ConvNd(r, c_out)`` with ``last`` and the bias."""
+        dims = len(self.kernel_size)
+        _, cls = _CONV[dims]
+        down = cls(self.in_channels, self.rank, self.kernel_size, stride=self.stride, padding=self.padding,
+                   dilation=self.dilation, bias=False, padding_mode=self.padding_mode, device="meta")
+        up = cls(self.rank, self.out_channels, 1, bias=self.bias is not None, device="meta")
+        down.weight = nn.Parameter(first.view(self.rank, self.in_channels, *self.kernel_size),
+                                   requires_grad=first.requires_grad)
+        up.weight = nn.Parameter(last.view(self.out_channels, self.rank, *(1,) * dims),
+                                 requires_grad=last.requires_grad)
+        if self.bias is not None:
+            up.bias = self.bias
+        return nn.Sequential(down, up)
+
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, " \
                f"padding={self.padding}, rank={self.rank}, bias={self.bias is not None}"

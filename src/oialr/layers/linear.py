@@ -52,6 +52,15 @@ class LowRankLinear(LowRankLayer):
         return self._as_dense(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                                         device=S.device, dtype=S.dtype))
 
+    def _two_layers(self, first: nn.Parameter, last: nn.Parameter) -> nn.Sequential:
+        """``Linear(in, r, bias=False)`` with weight ``first``, then ``Linear(r, out)`` with ``last`` and the bias."""
+        down = nn.Linear(self.in_features, self.rank, bias=False, device="meta")
+        up = nn.Linear(self.rank, self.out_features, bias=self.bias is not None, device="meta")
+        down.weight, up.weight = first, last
+        if self.bias is not None:
+            up.bias = self.bias
+        return nn.Sequential(down, up)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, " \
                f"bias={self.bias is not None}"
