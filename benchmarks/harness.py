@@ -51,9 +51,11 @@ class ForeignLoad:
         self.cores = max(0.0, (busy - own) / wall)
 
 
-def interleaved(cases: dict[str, Callable[[], None]], *, repeats: int, calls: int, warmup: int) -> dict[str, list]:
+def interleaved(cases: dict[str, Callable[[], None]], *, repeats: int, calls: int, warmup: int,
+                sync: Callable[[], None] = lambda: None) -> dict[str, list]:
     """Seconds per call of every case: ``warmup`` untimed calls each, then ``repeats`` rounds in which every case
-    runs ``calls`` times in a row, the case order rotating by one each round. Returns one sample per round."""
+    runs ``calls`` times in a row, the case order rotating by one each round. Returns one sample per round.
+    ``sync`` waits for queued work (``torch.cuda.synchronize`` on a GPU) before each timer start and stop."""
     names = list(cases)
     for name in names:
         for _ in range(warmup):
@@ -62,11 +64,20 @@ def interleaved(cases: dict[str, Callable[[], None]], *, repeats: int, calls: in
     for round_ in range(repeats):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
+            sync()
             start = time.perf_counter()
             for _ in range(calls):
                 cases[name]()
+            sync()
             samples[name].append((time.perf_counter() - start) / calls)
     return samples
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """What waits for the queued work of ``device`` (nothing to wait for on the CPU)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.synchronize
+    return lambda: None
 
 
 def median(values: list[float]) -> float:
@@ -107,6 +118,13 @@ def run_probe(args: list[str]) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"probe {' '.join(args)} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def device_name(device: str) -> str:
+    """The accelerator's name (e.g. ``"NVIDIA H200"``), or the CPU model for ``"cpu"``."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return cpu_model()
 
 
 def cpu_model() -> str:

@@ -151,11 +151,13 @@ def main(argv: list[str] | None = None) -> int:
            "described. Timings are ratios measured in one process, interleaved, median of several rounds.", "",
            "```", f".venv/bin/python benchmarks/run_all.py {argv_text}".rstrip(), "```", "",
            "Single pieces: `.venv/bin/python benchmarks/step_time.py --model vit|resnet18|block512|block1024 "
-           "--repeats N --threads 2`, `.venv/bin/python benchmarks/breakdown.py --model vit --configs full-rank "
+           "--repeats N --threads 2 [--device cuda]`, `.venv/bin/python benchmarks/breakdown.py --model vit "
+           "--configs full-rank "
            "f=0.25` (profile, basis-update stages, saved tensors) and `.venv/bin/python benchmarks/end_to_end.py "
            "--e2e mnist1d-cnn|fmnist-vit --repeats N --epochs N` (the Fashion-MNIST mini-ViT comparison is long "
            "and not part of the default run), `.venv/bin/python benchmarks/compiled.py --model vit` (eager vs "
-           "torch.compile).",
+           "torch.compile). On a lent GPU machine, `bash benchmarks/gpu_check.sh` runs the CUDA tests and the "
+           "step-time harness on the GPU in one command.",
            "", "## Machine", "", *(f"- {k}: {v}" for k, v in info.items()), ""]
     if "vit" in numbers:
         doc += ["## Targets", "", targets(numbers["vit"]), ""]

@@ -38,15 +38,24 @@ def saved_activation_bytes(trainer: Trainer) -> int:
     return sum(saved.values())
 
 
-def probe_memory(workload: Workload, config: Config) -> dict:
-    """Memory of a steady-state training step (run in a fresh process by :func:`memory_rows`): one warm-up step
-    creates the AdamW state, then the peak RSS of two more steps over the RSS before them (gradients, activations,
-    temporaries) is added to the counted bytes of parameters and AdamW state."""
-    trainer = Trainer(workload, config)
+def probe_memory(workload: Workload, config: Config, device: str = "cpu") -> dict:
+    """Memory of a steady-state training step: one warm-up step creates the AdamW state, then the peak increase
+    during two more steps (gradients, activations, temporaries) is added to the counted bytes of parameters and
+    AdamW state. The increase is of the resident set size on the CPU (run in a fresh process by
+    :func:`memory_rows`), of the bytes allocated by torch's caching allocator on a GPU."""
+    trainer = Trainer(workload, config, device=device)
     trainer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     gc.collect()
-    delta = harness.peak_rss_delta(lambda: (trainer.step(), trainer.step()))
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        trainer.step(), trainer.step()
+        torch.cuda.synchronize()
+        delta = torch.cuda.max_memory_allocated() - before
+    else:
+        delta = harness.peak_rss_delta(lambda: (trainer.step(), trainer.step()))
     params = tensor_bytes(trainer.model.parameters())
     adam = tensor_bytes(t for state in trainer.optimizer.state.values() for t in state.values()
                         if torch.is_tensor(t) and t.dim() > 0)
@@ -55,25 +64,34 @@ def probe_memory(workload: Workload, config: Config) -> dict:
             "saved": saved_activation_bytes(trainer), "peak": params + adam + delta}
 
 
-def memory_rows(workload: Workload, configs: list[str], threads: int) -> tuple[list[list], dict]:
-    """One :func:`probe_memory` process per config, two at a time (memory does not depend on CPU contention)."""
+def memory_rows(workload: Workload, configs: list[str], threads: int, device: str = "cpu") -> tuple[list[list], dict]:
+    """:func:`probe_memory` of every config: on the CPU one fresh process per config, two at a time (memory does
+    not depend on CPU contention); on a GPU in this process, one config after the other."""
     def probe(name: str) -> dict:
+        if torch.device(device).type == "cuda":
+            result = probe_memory(workload, CONFIGS[name], device)
+            gc.collect()
+            torch.cuda.empty_cache()
+            return result
         return harness.run_probe([__file__, "--model", workload.name, "--threads", str(threads),
                                   "--probe-memory", name])
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        results = dict(zip(configs, pool.map(probe, configs)))
+    if torch.device(device).type == "cuda":
+        results = {name: probe(name) for name in configs}
+    else:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            results = dict(zip(configs, pool.map(probe, configs)))
     base = results[FULL_RANK]["peak"]
     rows = [[name, *(f"{r[k] / MB:.1f}" for k in ("params", "adam", "grads", "saved", "delta", "peak")),
              f"{r['peak'] / base:.2f}"] for name, r in results.items()]
     return rows, results
 
 
-def update_cost(trainer: Trainer, repeats: int = 3) -> float:
+def update_cost(trainer: Trainer, repeats: int = 3, sync=lambda: None) -> float:
     """Median seconds of one basis update (``controller._update_bases()``: SVD of every Σ, rotation of the
     factors and of the AdamW state) after the trainer's steps, over ``repeats`` updates after one untimed."""
     return harness.median(harness.interleaved({"update": trainer.controller._update_bases},
-                                              repeats=repeats, calls=1, warmup=1)["update"])
+                                              repeats=repeats, calls=1, warmup=1, sync=sync)["update"])
 
 
 def counts(trainer: Trainer) -> tuple[int, int]:
@@ -82,15 +100,16 @@ def counts(trainer: Trainer) -> tuple[int, int]:
 
 
 def run(workload: Workload, *, repeats: int, steps: int, warmup: int, threads: int,
-        memory: bool = True) -> tuple[str, dict]:
+        memory: bool = True, device: str = "cpu") -> tuple[str, dict]:
     """All measurements of one workload: returns the markdown section and the numbers (for the targets table)."""
     names = list(workload.configs)
-    trainers = {name: Trainer(workload, CONFIGS[name]) for name in names}
-    flop_model = FlopModel(workload.build(), trainers[FULL_RANK].x)
+    trainers = {name: Trainer(workload, CONFIGS[name], device=device) for name in names}
+    flop_model = FlopModel(workload.build(), trainers[FULL_RANK].x.cpu())
+    sync = harness.synchronizer(device)
     load_before = harness.load()
     with harness.ForeignLoad() as other:
         samples = harness.interleaved({name: t.step for name, t in trainers.items()},
-                                      repeats=repeats, calls=steps, warmup=warmup)
+                                      repeats=repeats, calls=steps, warmup=warmup, sync=sync)
     base = samples[FULL_RANK]
     ratio = {name: harness.median([s / b for s, b in zip(samples[name], base)]) for name in names}
     step_ms = {name: 1e3 * harness.median(samples[name]) for name in names}
@@ -107,12 +126,13 @@ def run(workload: Workload, *, repeats: int, steps: int, warmup: int, threads: i
         config, trainer = CONFIGS[name], trainers[name]
         if trainer.controller is None or config.path is not None:
             continue
-        seconds = update_cost(trainer)
+        seconds = update_cost(trainer, sync=sync)
         every = trainer.controller.config.update_every
         update[name] = seconds / (every * step_ms[name] / 1e3)
         update_rows.append([name, f"{1e3 * seconds:.2f}", every, f"{100 * update[name]:.2f}%"])
 
-    out = [f"### {workload.name}: {workload.description}", "",
+    on = "" if torch.device(device).type == "cpu" else f" on {harness.device_name(device)}"
+    out = [f"### {workload.name}: {workload.description}{on}", "",
            f"{repeats} interleaved rounds × {steps} steps per config after {warmup} warm-up steps. Load average "
            f"{load_before} before the timed loop; other processes kept {other.cores:.2f} cores busy on average "
            "during it.", "",
@@ -125,11 +145,13 @@ def run(workload: Workload, *, repeats: int, steps: int, warmup: int, threads: i
                                   update_rows), ""]
     mem = {}
     if memory:
-        rows, mem = memory_rows(workload, names, threads)
-        out += ["Memory of a steady-state training step (MiB; fresh process per config; peak = parameters + AdamW "
-                "state + measured peak RSS increase during the step):", "",
+        rows, mem = memory_rows(workload, names, threads, device)
+        increase = "peak RSS increase" if torch.device(device).type == "cpu" else "peak allocated increase"
+        how = "fresh process per config" if torch.device(device).type == "cpu" else "torch's allocator statistics"
+        out += [f"Memory of a steady-state training step (MiB; {how}; peak = parameters + AdamW "
+                f"state + measured {increase} during the step):", "",
                 harness.markdown_table(["config", "params (incl. frozen U, V)", "AdamW state", "grads",
-                                        "saved activations", "peak RSS increase", "peak", "ratio"], rows), ""]
+                                        "saved activations", increase, "peak", "ratio"], rows), ""]
     out += ["Per converted layer: forward + backward multiply-adds of the full-rank layer (M), and per rank fraction "
             "the rank r, the path `oialr.layers.base.forward_path` chooses and that path's forward + backward "
             "multiply-adds relative to the full-rank layer:", "",
@@ -149,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per config first")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes (one process per config)")
+    p.add_argument("--device", default="cpu", help="torch device to train on, e.g. cuda (default cpu)")
     p.add_argument("--probe-memory", metavar="CONFIG", choices=sorted(CONFIGS), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     harness.setup_torch(args.threads)
@@ -156,8 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_memory:
         print(json.dumps(probe_memory(workload, CONFIGS[args.probe_memory])))
         return 0
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device here; run on the CPU (the default) or on a GPU machine")
     text, _ = run(workload, repeats=args.repeats, steps=args.steps, warmup=args.warmup, threads=args.threads,
-                  memory=not args.no_memory)
+                  memory=not args.no_memory, device=args.device)
     print(text)
     return 0
 

@@ -94,18 +94,18 @@ class Trainer:
     call ``controller.step()``: basis updates are timed on their own.
     """
 
-    def __init__(self, workload: Workload, config: Config, seed: int = 0) -> None:
+    def __init__(self, workload: Workload, config: Config, seed: int = 0, device: str = "cpu") -> None:
         torch.manual_seed(seed)
         self.config = config
-        self.model = workload.build()
+        self.model = workload.build().to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
         self.controller = None
         if config.rank_fraction is not None:
             settings = oialr.OIALRConfig(warmup_steps=0, cutoff=0.0, rank_fraction=config.rank_fraction)
             self.controller = oialr.OIALR(self.model, self.optimizer, settings)
         generator = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(workload.batch, *workload.sample_shape, generator=generator)
-        self.y = torch.randint(0, workload.num_classes, (workload.batch,), generator=generator)
+        self.x = torch.randn(workload.batch, *workload.sample_shape, generator=generator).to(device)
+        self.y = torch.randint(0, workload.num_classes, (workload.batch,), generator=generator).to(device)
 
     def step(self) -> None:
         with self.config.patched():
