@@ -90,7 +90,8 @@ def spread(values: list[float]) -> str:
     return f"{min(values) / mid - 1:+.0%}/{max(values) / mid - 1:+.0%}"
 
 
-def _status_kib(field: str) -> int:
+def status_kib(field: str) -> int:
+    """``VmRSS`` (now), ``VmHWM`` (peak since the last reset) or another size field of this process, KiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -105,9 +106,22 @@ def peak_rss_delta(fn: Callable[[], None]) -> int:
     in a process started with :data:`PROBE_ENV` (see :func:`run_probe`)."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     fn()
-    return (_status_kib("VmHWM") - before) * 1024
+    return (status_kib("VmHWM") - before) * 1024
+
+
+def peak_memory_delta(fn: Callable[[], None], device: str) -> int:
+    """Bytes by which peak memory while ``fn()`` runs exceeds the memory just before it: on a GPU, of the bytes
+    held by torch's caching allocator; on the CPU, :func:`peak_rss_delta`."""
+    if torch.device(device).type != "cuda":
+        return peak_rss_delta(fn)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
 
 
 def run_probe(args: list[str]) -> dict:

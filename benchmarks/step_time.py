@@ -47,15 +47,7 @@ def probe_memory(workload: Workload, config: Config, device: str = "cpu") -> dic
     trainer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     gc.collect()
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        trainer.step(), trainer.step()
-        torch.cuda.synchronize()
-        delta = torch.cuda.max_memory_allocated() - before
-    else:
-        delta = harness.peak_rss_delta(lambda: (trainer.step(), trainer.step()))
+    delta = harness.peak_memory_delta(lambda: (trainer.step(), trainer.step()), device)
     params = tensor_bytes(trainer.model.parameters())
     adam = tensor_bytes(t for state in trainer.optimizer.state.values() for t in state.values()
                         if torch.is_tensor(t) and t.dim() > 0)
@@ -68,16 +60,15 @@ def memory_rows(workload: Workload, configs: list[str], threads: int, device: st
     """:func:`probe_memory` of every config: on the CPU one fresh process per config, two at a time (memory does
     not depend on CPU contention); on a GPU in this process, one config after the other."""
     def probe(name: str) -> dict:
-        if torch.device(device).type == "cuda":
-            result = probe_memory(workload, CONFIGS[name], device)
-            gc.collect()
-            torch.cuda.empty_cache()
-            return result
         return harness.run_probe([__file__, "--model", workload.name, "--threads", str(threads),
                                   "--probe-memory", name])
 
     if torch.device(device).type == "cuda":
-        results = {name: probe(name) for name in configs}
+        results = {}
+        for name in configs:
+            results[name] = probe_memory(workload, CONFIGS[name], device)
+            gc.collect()
+            torch.cuda.empty_cache()
     else:
         with ThreadPoolExecutor(max_workers=2) as pool:
             results = dict(zip(configs, pool.map(probe, configs)))

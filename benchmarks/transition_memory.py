@@ -18,15 +18,6 @@ import oialr
 from oialr.cli.models import build_model
 
 
-def rss_mb(field: str) -> float:
-    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--width", type=int, default=2048)
@@ -47,13 +38,12 @@ def main() -> None:
             ctl.step()                                  # step 2's ctl.step() below is the transition
     opt.zero_grad(set_to_none=True)
     dense_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    before = rss_mb("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                                    # reset the peak-RSS mark
-    ctl.step()
+    before = harness.status_kib("VmRSS")
+    peak = harness.peak_rss_delta(ctl.step) / 2**20
     assert ctl.phase == "low-rank"
+    after = (harness.status_kib("VmRSS") - before) / 1024
     print(f"mlp {args.depth} x {args.width}: parameters {dense_mb:.1f} MiB (AdamW state twice that); transition "
-          f"peak RSS +{rss_mb('VmHWM') - before:.0f} MiB, after it {rss_mb('VmRSS') - before:+.0f} MiB "
+          f"peak RSS +{peak:.0f} MiB, after it {after:+.0f} MiB "
           f"(cutoff {args.cutoff}, {sum(layer.rank for layer in ctl.lowrank_layers().values())} singular values kept)")
 
 
