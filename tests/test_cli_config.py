@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from oialr.cli.config import ConfigError, TrainConfig, build_config, load_yaml
+from oialr.cli.settings import ConfigError, TrainConfig, build_config, load_yaml
 
 
 def test_defaults_are_the_embedded_run():

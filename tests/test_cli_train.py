@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from oialr import PlateauRule
-from oialr.cli import recipe
-from oialr.cli.config import ConfigError, build_config
+from oialr.cli import run as cli_run
+from oialr.cli.settings import ConfigError, build_config
 from oialr.cli.main import main
 
 
@@ -31,7 +31,7 @@ def tiny(data_dir, **extra):
 
 def test_run_writes_results_and_files(data_dir, tmp_path):
     out = str(tmp_path / "run")
-    run = recipe.start_or_resume(tiny(data_dir), out, resume=False, log=lambda *a: None)
+    run = cli_run.start_or_resume(tiny(data_dir), out, resume=False, log=lambda *a: None)
     results = run.train()
     for name in ("results.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "model.pt", "curves.png",
                  "ranks.png"):
@@ -55,7 +55,7 @@ def test_run_writes_results_and_files(data_dir, tmp_path):
 
 
 def test_full_rank_method_has_no_controller(data_dir, tmp_path):
-    run = recipe.start_or_resume(tiny(data_dir, method="full-rank", epochs=1), str(tmp_path / "fr"), False,
+    run = cli_run.start_or_resume(tiny(data_dir, method="full-rank", epochs=1), str(tmp_path / "fr"), False,
                                  log=lambda *a: None)
     results = run.train()
     assert run.controller is None and results["trainable_params"] == results["dense_params"]
@@ -75,7 +75,7 @@ def test_compile_trains_like_eager(data_dir, tmp_path, monkeypatch):
     torch._dynamo.reset()
     runs = {}
     for flag in (False, True):
-        run = recipe.start_or_resume(tiny(data_dir, compile=flag, epochs=2), str(tmp_path / str(flag)), False,
+        run = cli_run.start_or_resume(tiny(data_dir, compile=flag, epochs=2), str(tmp_path / str(flag)), False,
                                      log=lambda *a: None)
         runs[flag] = (run.train(), run.metrics)
     (eager, eager_rows), (comp, comp_rows) = runs[False], runs[True]
@@ -86,26 +86,26 @@ def test_compile_trains_like_eager(data_dir, tmp_path, monkeypatch):
 
 
 def _interrupt_after(monkeypatch, steps):
-    real = recipe.TrainingRun._train_step
+    real = cli_run.TrainingRun._train_step
 
     def step(self, x, y):
         real(self, x, y)
         if self.step == steps:
             self._stop_signal = signal.SIGTERM
 
-    monkeypatch.setattr(recipe.TrainingRun, "_train_step", step)
+    monkeypatch.setattr(cli_run.TrainingRun, "_train_step", step)
 
 
 def test_interrupt_then_resume_is_exact(data_dir, tmp_path, monkeypatch):
     cfg = tiny(data_dir)
-    straight = recipe.start_or_resume(cfg, str(tmp_path / "a"), False, log=lambda *a: None)
+    straight = cli_run.start_or_resume(cfg, str(tmp_path / "a"), False, log=lambda *a: None)
     expected = straight.train()
     with monkeypatch.context() as m:
         _interrupt_after(m, 26)                     # mid-epoch 2, after the transition and a rank update
-        run = recipe.start_or_resume(cfg, str(tmp_path / "b"), False, log=lambda *a: None)
-        with pytest.raises(recipe.Interrupted, match="at step 26"):
+        run = cli_run.start_or_resume(cfg, str(tmp_path / "b"), False, log=lambda *a: None)
+        with pytest.raises(cli_run.Interrupted, match="at step 26"):
             run.train()
-    resumed = recipe.start_or_resume(None, str(tmp_path / "b"), True, log=lambda *a: None)
+    resumed = cli_run.start_or_resume(None, str(tmp_path / "b"), True, log=lambda *a: None)
     assert resumed.step == 26 and resumed.batch_in_epoch == 11
     got = resumed.train()
     assert got["top1"] == expected["top1"] and got["layers"] == expected["layers"]
@@ -117,13 +117,13 @@ def test_interrupt_then_resume_is_exact(data_dir, tmp_path, monkeypatch):
 
 def test_resume_refuses_other_settings_and_fresh_run_refuses_existing(data_dir, tmp_path):
     out = str(tmp_path / "c")
-    recipe.start_or_resume(tiny(data_dir, epochs=1), out, False, log=lambda *a: None).train()
+    cli_run.start_or_resume(tiny(data_dir, epochs=1), out, False, log=lambda *a: None).train()
     with pytest.raises(ConfigError, match="already holds a run"):
-        recipe.start_or_resume(tiny(data_dir, epochs=1), out, False)
+        cli_run.start_or_resume(tiny(data_dir, epochs=1), out, False)
     with pytest.raises(ConfigError, match="epochs: saved 1, given 2"):
-        recipe.start_or_resume(tiny(data_dir, epochs=2), out, True)
+        cli_run.start_or_resume(tiny(data_dir, epochs=2), out, True)
     with pytest.raises(ConfigError, match="nothing to resume"):
-        recipe.start_or_resume(None, str(tmp_path / "none"), True)
+        cli_run.start_or_resume(None, str(tmp_path / "none"), True)
 
 
 def test_missing_dataset_is_one_line_without_traceback(tmp_path, capsys):
@@ -141,7 +141,7 @@ def test_bad_settings_exit_2(tmp_path, capsys):
 
 def test_compare_table(data_dir, tmp_path, capsys):
     out = str(tmp_path / "cmp")
-    recipe.start_or_resume(tiny(data_dir, epochs=1), out, False, log=lambda *a: None).train()
+    cli_run.start_or_resume(tiny(data_dir, epochs=1), out, False, log=lambda *a: None).train()
     assert main(["compare", out, out]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| run | method | model | top1") and len(lines) == 4
@@ -186,7 +186,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
 
 def test_stability_series_and_report(data_dir, tmp_path, capsys):
     out = str(tmp_path / "stab")
-    run = recipe.start_or_resume(tiny(data_dir, stability_every=5, stability_lag=2), out, False, log=lambda *a: None)
+    run = cli_run.start_or_resume(tiny(data_dir, stability_every=5, stability_lag=2), out, False, log=lambda *a: None)
     results = run.train()
     assert 0 < results["stability_overhead"] < 1
     records = [json.loads(line) for line in open(os.path.join(out, "stability.jsonl"))]

@@ -6,7 +6,7 @@ import json
 import os
 import statistics
 
-from .config import ConfigError
+from .settings import ConfigError
 
 
 def load_results(run_dir: str) -> dict:

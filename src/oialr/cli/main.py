@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from .config import DATASETS, METHODS, MODELS, ConfigError, build_config, load_yaml
+from .settings import DATASETS, METHODS, MODELS, ConfigError, build_config, load_yaml
 
 
 def _train_parser(sub) -> None:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from ..distributed import process_group_from_env
-    from .recipe import Interrupted, exit_code, start_or_resume
+    from .run import Interrupted, exit_code, start_or_resume
 
     flags = {"dataset": args.dataset, "data_dir": args.data_dir, "model": args.model, "method": args.method,
              "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}

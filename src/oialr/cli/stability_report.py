@@ -6,7 +6,7 @@ import math
 import os
 
 from .. import OIALRConfig, PlateauRule, files
-from .config import ConfigError
+from .settings import ConfigError
 from .plots import save_figure
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .. import OIALR, StabilityTracker, compact_lowrank, distributed, files
-from .config import ConfigError, TrainConfig, build_config
+from .settings import ConfigError, TrainConfig, build_config
 from .data import Loader, load_dataset
 from .models import build_model
 from .reporting import RunFiles, param_stats, progress
