@@ -197,7 +197,7 @@ def test_stability_series_and_report(data_dir, tmp_path, capsys):
     assert main(["stability", out]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == 9 and 0 < summary["fraction_90pct_of_final"] <= 1
-    assert summary["auto_rule"] == run.cfg.oialr.auto_rule().settings()
+    assert summary["auto_rule"] == PlateauRule.from_settings(run.cfg.oialr.auto).settings()
     for name in ("stability_network.png", "stability_layers.png", "spectra.png", "stability_summary.json"):
         assert os.path.exists(os.path.join(out, name)), name
     assert main(["stability", str(tmp_path)]) == 2

@@ -1,6 +1,6 @@
 import pytest
 
-from oialr import OIALRConfig
+from oialr import AutoTransition, OIALRConfig
 
 
 def test_defaults_are_valid_and_plain():
@@ -27,15 +27,35 @@ def test_defaults_are_valid_and_plain():
     ("exclude_modules", [""], "exclude_modules must be None, a regular expression string or a list"),
     ("keep_output_layer_dense", "yes", "keep_output_layer_dense must be True or False"),
     ("max_aspect_ratio", 0.5, "max_aspect_ratio must be None or a number >= 1"),
-    ("stability_every", 0, "stability_every must be an integer >= 1"),
-    ("stability_lag", 0, "stability_lag must be an integer >= 1"),
-    ("auto_window", 0, "auto_window must be an integer >= 1"),
 ])
 def test_each_bad_field_is_named(field, value, fragment):
     with pytest.raises(ValueError) as err:
         OIALRConfig(**{field: value})
     assert fragment in str(err.value)
     assert repr(value) in str(err.value)
+
+
+@pytest.mark.parametrize("auto, fragment", [
+    ({"every": 0}, "auto.every must be an integer >= 1, got 0"),
+    ({"lag": 0}, "auto.lag must be an integer >= 1, got 0"),
+    ({"window": 0, "threshold": 2}, "auto.window must be an integer >= 1"),
+    ({"window": 0, "threshold": 2}, "auto.threshold must be a number in (-1, 1]"),
+    ({"every": 5, "laag": 2}, "auto takes the fields every, lag, threshold"),
+    (3, "auto must be an AutoTransition or a mapping of its fields, got 3"),
+])
+def test_auto_settings_are_validated_with_their_prefix(auto, fragment):
+    with pytest.raises(ValueError) as err:
+        OIALRConfig(warmup_steps="auto", auto=auto, cutoff=2.0)
+    assert fragment in str(err.value) and "cutoff must be" in str(err.value)
+
+
+def test_auto_settings_from_a_mapping_an_object_and_older_flat_names():
+    given = OIALRConfig(warmup_steps="auto", auto={"every": 7, "max_steps": 900})
+    assert given.auto == AutoTransition(every=7, max_steps=900)
+    assert OIALRConfig.from_dict(given.to_dict()) == given
+    legacy = {k: v for k, v in OIALRConfig().to_dict().items() if k != "auto"}
+    legacy.update(warmup_steps="auto", stability_every=7, auto_max_steps=900, auto_window=4)
+    assert OIALRConfig.from_dict(legacy) == given
 
 
 def test_all_errors_reported_at_once():

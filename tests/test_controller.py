@@ -60,7 +60,7 @@ def test_transition_is_exact_at_full_rank(name, build, shape, n_out):
     expected = model(x).detach()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ctl = OIALR(model, opt, OIALRConfig(warmup_steps=0, keep_output_layer_dense=False, **FULL))
-    assert all(layer.rank == layer.full_rank for layer in ctl.lowrank_layers().values())
+    assert all(layer.rank == min(layer.matrix_shape) for layer in ctl.lowrank_layers().values())
     out = model(x).detach()
     rel = (out - expected).norm() / expected.norm()
     assert rel < 1e-4
@@ -68,7 +68,7 @@ def test_transition_is_exact_at_full_rank(name, build, shape, n_out):
     for layer in ctl.lowrank_layers().values():
         layer.lowrank_S.data += 0.05 * torch.randn_like(layer.lowrank_S)
     moved = model(x).detach()
-    ctl._update_bases()
+    ctl.update_bases()
     torch.testing.assert_close(model(x).detach(), moved, rtol=1e-4, atol=1e-5)
     for layer in ctl.lowrank_layers().values():
         S = layer.lowrank_S
@@ -81,8 +81,8 @@ def test_schedule_counts_optimizer_steps(monkeypatch):
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     ctl = OIALR(model, opt, OIALRConfig(warmup_steps=3, update_every=2))
     updates = []
-    real = ctl._update_bases
-    monkeypatch.setattr(ctl, "_update_bases", lambda: (updates.append(ctl.step_count), real()))
+    real = ctl.update_bases
+    monkeypatch.setattr(ctl, "update_bases", lambda: (updates.append(ctl.step_count), real()))
     phases = []
     for _ in range(9):
         with torch.no_grad():
@@ -421,28 +421,28 @@ def test_summary_and_table():
 # ---------------------------------------------------------------------------------------- automatic transition
 def _auto_run(steps, state=None, stop_at=None, **auto):
     model, _, ctl, saved = _run(steps, state, stop_at, seed=2, lr=1e-2, data_seed=5, warmup_steps="auto",
-                                stability_every=5, update_every=4, **auto)
+                                update_every=4, auto={"every": 5, **auto})
     return model, ctl, saved
 
 
 def test_auto_transition_fires_on_a_plateau_at_a_sample():
-    _, ctl, _ = _auto_run(30, auto_threshold=-0.99, auto_window=2, auto_epsilon=2.0, auto_min_steps=12)
+    _, ctl, _ = _auto_run(30, threshold=-0.99, window=2, epsilon=2.0, min_steps=12)
     assert ctl.transition_step == 15                       # samples at 5, 10 (first comparison), 15 >= min_steps
     assert ctl.transition_reason.startswith("network stability") and "at step 15" in ctl.transition_reason
     assert ctl.summary()["transition_reason"] == ctl.transition_reason
     assert ctl.tracker is None
-    _, ctl, _ = _auto_run(30, stability_lag=2, auto_threshold=-0.99, auto_window=2, auto_epsilon=2.0,
-                          auto_min_steps=12)
+    _, ctl, _ = _auto_run(30, lag=2, threshold=-0.99, window=2, epsilon=2.0,
+                          min_steps=12)
     assert ctl.transition_step == 20                       # first comparison at 15 (with 5), window full at 20
 
 
 def test_auto_transition_falls_back_to_max_steps():
-    _, ctl, _ = _auto_run(30, auto_threshold=1.0, auto_epsilon=0.0, auto_min_steps=0, auto_max_steps=20)
+    _, ctl, _ = _auto_run(30, threshold=1.0, epsilon=0.0, min_steps=0, max_steps=20)
     assert ctl.transition_step == 20 and ctl.transition_reason.startswith("max_steps reached")
 
 
 def test_auto_transition_resumes_exactly():
-    knobs = dict(auto_threshold=-0.99, auto_window=3, auto_epsilon=2.0, auto_min_steps=0)
+    knobs = dict(threshold=-0.99, window=3, epsilon=2.0, min_steps=0)
     full, ctl_full, _ = _auto_run(30, **knobs)
     _, ctl_half, saved = _auto_run(30, stop_at=12, **knobs)
     assert ctl_half.phase == "full-rank" and saved["ctl"]["tracker"] is not None

@@ -156,9 +156,9 @@ def test_compact_conv_is_a_conv_then_a_pointwise_conv(conv):
 
 def test_convert_layer_rank_errors():
     model = mlp()
-    with pytest.raises(ValueError, match=r"rank for '0' must be in \[1, 16\], got 17"):
+    with pytest.raises(ValueError, match=r"layer .0.: rank must be in \[1, 16\] for a \(32, 16\) weight, got 17"):
         convert_layer(model, "0", rank=17)
-    with pytest.raises(ValueError, match="needs either rank or config"):
+    with pytest.raises(ValueError, match="needs factors, a rank or a config"):
         convert_layer(model, "0")
 
 

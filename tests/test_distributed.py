@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from models import batches, mlp
-from oialr import OIALR, OIALRConfig, distributed
+from oialr import OIALR, LowRankLayer, OIALRConfig, distributed
 from oialr.cli import run as cli_run
 from oialr.cli.settings import ConfigError, build_config
 from oialr.layers.base import rebuild
@@ -22,6 +22,33 @@ from oialr.layers.base import rebuild
 STEPS, SAVE_AT = 14, 8           # the MLP below changes ranks before step 8 (asserted)
 PERTURB_TRANSITION, PERTURB_UPDATE = 3, 7      # steps where rank 1 perturbs its weights just before ctl.step()
 
+
+# ---------------------------------------------------------------------------------------- fingerprints of values
+def fingerprint(tensors) -> int:
+    """An integer that changes when a shape or a single bit of ``tensors`` changes: ``h ← 31·h + Σ_i b_i·(i mod
+    65521 + 1) + |shape|`` over the bytes ``b_i`` of each tensor, modulo the prime ``2⁶¹ − 1``."""
+    h = 0
+    for t in tensors:
+        data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).to(torch.int64)
+        weights = torch.arange(data.numel(), dtype=torch.int64) % 65521 + 1
+        shape = sum((d + 1) * 1000003 ** j for j, d in enumerate(t.shape))
+        h = (31 * h + int((data * weights).sum()) + shape) % (2 ** 61 - 1)
+    return h
+
+
+def factor_fingerprint(model) -> int:
+    """:func:`fingerprint` of every factored layer's ``U``, ``Σ``, ``V`` (shapes, hence ranks, included)."""
+    return fingerprint(t for m in model.modules() if isinstance(m, LowRankLayer)
+                       for t in (m.lowrank_U, m.lowrank_S, m.lowrank_V))
+
+
+def all_equal(value: int) -> bool:
+    """True when every process passed the same integer (e.g. a :func:`fingerprint`)."""
+    if not distributed.is_distributed():
+        return True
+    t = torch.tensor([-value, value], dtype=torch.int64)
+    dist.all_reduce(t, dist.ReduceOp.MAX)
+    return -t[0].item() == t[1].item()
 
 def _spawn(fn, *args):
     """Run ``fn(rank, 2, *args)`` in 2 processes forked from a server that imported torch and this module once
@@ -74,10 +101,10 @@ def _train(world, rank, out, start_from=None, compiled=False):
             with torch.no_grad():                   # weights the transition / update is about to replace
                 for p in doomed:
                     p.add_(1e-3 * torch.randn_like(p) * (rank == 1))
-            log["agree_before"][step] = distributed.all_equal(distributed.fingerprint(doomed))
+            log["agree_before"][step] = all_equal(fingerprint(doomed))
         ctl.step()
         log["ranks"].append({n: layer.rank for n, layer in ctl.lowrank_layers().items()})
-        log["agree"].append(distributed.all_equal(distributed.factor_fingerprint(model)))
+        log["agree"].append(all_equal(factor_fingerprint(model)))
         log["losses"].append(distributed.all_reduce([loss.item() / world])[0])
         if step == SAVE_AT and start_from is None and out is not None:
             if rank == 0:
@@ -93,7 +120,7 @@ def _auto_transition_step(rank):
     torch.manual_seed(1)
     model = mlp()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
-    ctl = OIALR(model, opt, OIALRConfig(warmup_steps="auto", stability_every=1, auto_min_steps=1, auto_max_steps=3))
+    ctl = OIALR(model, opt, OIALRConfig(warmup_steps="auto", auto={"every": 1, "min_steps": 1, "max_steps": 3}))
     if rank == 1:
         ctl.rule.update = lambda step, stability: False
     for x, y in batches((16, 16), 4, 4, seed=3):
@@ -109,7 +136,7 @@ def _worker(rank, world, init_file, out, resume):
     model, log = _train(world, rank, out, os.path.join(out, "checkpoint.pt") if resume else None)
     log["auto_transition_step"] = None if resume else _auto_transition_step(rank)
     gathered = [None] * world
-    dist.all_gather_object(gathered, distributed.factor_fingerprint(model))
+    dist.all_gather_object(gathered, factor_fingerprint(model))
     log["fingerprints"] = gathered
     name = "resumed" if resume else "run"
     torch.save({"model": model.state_dict(), "log": log}, os.path.join(out, f"{name}{rank}.pt"))
@@ -324,7 +351,7 @@ def test_fingerprint_sees_one_bit_and_shapes():
     t = torch.randn(5, 7)
     flipped = t.clone()
     flipped.view(torch.int32)[3, 4] ^= 1
-    assert distributed.fingerprint([t]) == distributed.fingerprint([t.clone()])
-    assert distributed.fingerprint([t]) != distributed.fingerprint([flipped])
-    assert distributed.fingerprint([t]) != distributed.fingerprint([t.reshape(7, 5)])
-    assert distributed.all_equal(123) and distributed.broadcast_ints([4, 2]) == [4, 2]
+    assert fingerprint([t]) == fingerprint([t.clone()])
+    assert fingerprint([t]) != fingerprint([flipped])
+    assert fingerprint([t]) != fingerprint([t.reshape(7, 5)])
+    assert all_equal(123) and distributed.broadcast_ints([4, 2]) == [4, 2]

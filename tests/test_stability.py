@@ -12,7 +12,8 @@ from torch import nn
 
 import oialr
 from oialr import OIALR, OIALRConfig, linalg
-from oialr.stability import PlateauRule, StabilityTracker, basis_stability, layer_names, spectrum_stats, weight_matrix
+from oialr import PlateauRule
+from oialr.stability import StabilityTracker, basis_stability, layer_names, spectrum_stats, weight_matrix
 from models import CrossAttention, batches, transformer
 
 

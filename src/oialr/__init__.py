@@ -1,16 +1,19 @@
 """oialr: Orthogonality-Informed Adaptive Low-Rank training for PyTorch."""
 from . import distributed
+from .auto_transition import AutoTransition, PlateauRule
 from .config import OIALRConfig
 from .controller import OIALR
-from .convert import compact_lowrank, find_layers, format_table, merge_lowrank
-from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention
-from .stability import PlateauRule, StabilityTracker, basis_stability
+from .convert import compact_lowrank, merge_lowrank
+from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention, force_path
+from .stability import StabilityTracker, basis_stability
+from .targets import find_layers, format_table
 
 __version__ = "0.1.0"
 
 __all__ = [
     "OIALR",
     "OIALRConfig",
+    "AutoTransition",
     "LowRankLayer",
     "LowRankLinear",
     "LowRankConv",
@@ -19,6 +22,7 @@ __all__ = [
     "format_table",
     "merge_lowrank",
     "compact_lowrank",
+    "force_path",
     "basis_stability",
     "StabilityTracker",
     "PlateauRule",

@@ -1,11 +1,17 @@
 """OIALRConfig: every knob of OIALR training, documented and validated."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ._checks import is_int, is_real, nested_errors, raise_if_errors
-from .stability_rule import PlateauRule
+from ._checks import Errors, is_int, is_real
+from .auto_transition import AutoTransition
+
+# names the settings of the automatic transition had before they moved into OIALRConfig.auto (results files of
+# older runs still hold them); OIALRConfig.from_dict reads them
+_LEGACY_AUTO = {"stability_every": "every", "stability_lag": "lag", "auto_threshold": "threshold",
+                "auto_window": "window", "auto_epsilon": "epsilon", "auto_min_steps": "min_steps",
+                "auto_max_steps": "max_steps"}
 
 
 @dataclass
@@ -61,21 +67,21 @@ class OIALRConfig:
     exclude_modules: list[str] | str | None = field(default_factory=list)
     keep_output_layer_dense: bool = True
     max_aspect_ratio: float | None = None
-    stability_every: int = 50
-    stability_lag: int = 1
-    auto_threshold: float = 0.99
-    auto_window: int = 4
-    auto_epsilon: float = 0.002
-    auto_min_steps: int = 200
-    auto_max_steps: int | None = None
+    auto: AutoTransition = field(default_factory=AutoTransition)
 
     def __post_init__(self) -> None:
-        errors = []
-
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                errors.append(message)
-
+        errors = Errors()
+        check = errors.check
+        if isinstance(self.auto, dict):
+            try:
+                self.auto = AutoTransition(**self.auto)
+            except ValueError as err:
+                errors.nested(err, "auto.")
+            except TypeError:
+                known = ", ".join(f.name for f in fields(AutoTransition))
+                check(False, f"auto takes the fields {known}; got {sorted(self.auto)}")
+        elif not isinstance(self.auto, AutoTransition):
+            check(False, f"auto must be an AutoTransition or a mapping of its fields, got {self.auto!r}")
         check((is_int(self.warmup_steps) and self.warmup_steps >= 0) or self.warmup_steps == "auto",
               f"warmup_steps must be an integer >= 0 (0 converts at construction) or \"auto\", "
               f"got {self.warmup_steps!r}")
@@ -103,22 +109,19 @@ class OIALRConfig:
               f"keep_output_layer_dense must be True or False, got {self.keep_output_layer_dense!r}")
         check(self.max_aspect_ratio is None or (is_real(self.max_aspect_ratio) and self.max_aspect_ratio >= 1.0),
               f"max_aspect_ratio must be None or a number >= 1 (the paper used 10), got {self.max_aspect_ratio!r}")
-        check(is_int(self.stability_every) and self.stability_every >= 1,
-              f"stability_every must be an integer >= 1, got {self.stability_every!r}")
-        check(is_int(self.stability_lag) and self.stability_lag >= 1,
-              f"stability_lag must be an integer >= 1, got {self.stability_lag!r}")
-        try:
-            self.auto_rule()
-        except ValueError as err:                       # the rule names its knobs without the auto_ prefix
-            errors.extend(nested_errors(err, "auto_"))
-        raise_if_errors("OIALRConfig", errors)
-
-    def auto_rule(self) -> PlateauRule:
-        """The automatic-transition rule these settings describe."""
-        return PlateauRule(threshold=self.auto_threshold, window=self.auto_window, epsilon=self.auto_epsilon,
-                           min_steps=self.auto_min_steps, max_steps=self.auto_max_steps)
+        errors.raise_if_any("OIALRConfig")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-value copy, for checkpoints and results files."""
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> OIALRConfig:
+        """The config :meth:`to_dict` wrote; also reads the flat ``stability_every``/``auto_*`` names of older
+        results files."""
+        values = dict(values)
+        legacy = {new: values.pop(old) for old, new in _LEGACY_AUTO.items() if old in values}
+        if legacy:
+            values["auto"] = {**legacy, **values.get("auto", {})}
+        return cls(**values)
 

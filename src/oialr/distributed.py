@@ -2,7 +2,7 @@
 
 Every function is a no-op (or returns its input) when no process group of more than one process is initialised,
 so single-process training never touches ``torch.distributed``. The design is in ``docs/DISTRIBUTED.md``:
-the source process (rank 0) computes every SVD and broadcasts the result (factors, ranks, rotations), because
+the source process (process 0) computes every SVD and broadcasts the result (factors, ranks, rotations), because
 SVDs are not bitwise reproducible across devices, libraries and thread counts; a sign flip of one singular vector
 on one process would give it a different ``U`` for the same ``W``.
 
@@ -15,16 +15,15 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .layers import LowRankLayer
+from .factorize import BasisUpdate, Factors
 
-SOURCE = 0                    # the rank whose SVD results every process adopts
-Update = tuple[Tensor, Tensor, Tensor, Tensor, Tensor]     # U (m×k), Σ (k×k), V (n×k), u (r×r), v (r×r)
+SOURCE = 0                    # the process whose SVD results every process adopts
 
 
 def is_distributed() -> bool:
@@ -32,7 +31,8 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def rank() -> int:
+def process_rank() -> int:
+    """This process's index in the process group (0 when not distributed)."""
     return dist.get_rank() if is_distributed() else 0
 
 
@@ -42,7 +42,7 @@ def world_size() -> int:
 
 def is_source() -> bool:
     """True on the process that computes the SVDs, writes files and prints (the only process when not distributed)."""
-    return rank() == SOURCE
+    return process_rank() == SOURCE
 
 
 def device() -> torch.device:
@@ -108,77 +108,47 @@ def barrier() -> None:
 
 # ---------------------------------------------------------------------------------------------------- factors
 @torch.no_grad()
-def broadcast_factors(layers: Sequence[LowRankLayer]) -> None:
-    """Give every layer the source's rank and ``U``, ``Σ``, ``V`` (after the transition's SVDs). A layer whose rank
-    differs from the source's gets new Parameter objects of the source's shapes first."""
+def broadcast_factors(factors: Factors | None, shape: tuple[int, int], like: Tensor) -> Factors:
+    """The source's transition factors of one ``m×n`` weight on every process (``factors`` is read on the source
+    only; pass ``None`` elsewhere), in ``like``'s dtype and device: the rank first, then ``U``, ``Σ``, ``V``."""
     if not is_distributed():
-        return
-    ranks = broadcast_ints([layer.rank for layer in layers])
-    for layer, r in zip(layers, ranks):
-        if layer.rank != r:
-            (m, n), ref = layer.matrix_shape, layer.lowrank_S
-            layer.set_factors(ref.new_zeros(m, r), ref.new_zeros(r, r), ref.new_zeros(n, r))
-    broadcast_([t for layer in layers for t in (layer.lowrank_U, layer.lowrank_S, layer.lowrank_V)])
+        return factors
+    (m, n), source = shape, is_source()
+    r = broadcast_ints([factors.S.shape[0] if source else 0])[0]
+    out = Factors(*(t.to(like).contiguous() for t in factors)) if source else Factors(
+        like.new_empty(m, r), like.new_empty(r, r), like.new_empty(n, r))
+    broadcast_(out)
+    return out
 
 
 @torch.no_grad()
-def broadcast_updates(updates: Sequence[Update | None] | None, layers: Sequence[LowRankLayer]) -> list[Update | None]:
+def broadcast_updates(updates: Sequence[BasisUpdate | None] | None, shapes: Sequence[tuple[int, int, int]],
+                      like: Tensor) -> list[BasisUpdate | None]:
     """The source's basis updates on every process.
 
-    ``updates`` (read on the source only; pass ``None`` elsewhere): per layer ``(U', Σ', V', u, v)`` with
-    ``U' (m×k)``, ``Σ' (k×k)``, ``V' (n×k)`` and the rotations ``u``, ``v`` (``r×r``), or ``None`` for a layer whose
-    update is skipped. Returned on every process, the source included: the factors in the parameter dtype (the
-    values the layer stores) and ``u``, ``v`` in float64, so every process applies the very same numbers.
+    ``updates`` (read on the source only; pass ``None`` elsewhere): per layer a :class:`BasisUpdate` or ``None``
+    for a layer whose update is skipped; ``shapes``: per layer ``(m, n, r)``, its matrix shape and current rank.
+    Returned on every process, the source included: the factors in ``like``'s dtype (the values the layer stores)
+    and ``u``, ``v`` in float64, so every process applies the very same numbers.
     """
     if not is_distributed():
         return list(updates)
     source = is_source()
-    ks = broadcast_ints([0 if up is None else up[1].shape[0] for up in updates] if source else [0] * len(layers))
-    out: list[Update | None] = []
-    for i, (layer, k) in enumerate(zip(layers, ks)):
+    ks = broadcast_ints([0 if up is None else up.S.shape[0] for up in updates] if source else [0] * len(shapes))
+    rot = dict(dtype=torch.float64, device=like.device)
+    out: list[BasisUpdate | None] = []
+    for i, ((m, n, r), k) in enumerate(zip(shapes, ks)):
         if k == 0:
             out.append(None)
-            continue
-        (m, n), r, ref = layer.matrix_shape, layer.rank, layer.lowrank_S
-        if source:
+        elif source:
             U, S, V, u, v = updates[i]
-            out.append((U.to(ref).contiguous(), S.to(ref).contiguous(), V.to(ref).contiguous(),
-                        u.double().contiguous(), v.double().contiguous()))
+            out.append(BasisUpdate(*(t.to(like).contiguous() for t in (U, S, V)),
+                                   u.double().contiguous(), v.double().contiguous()))
         else:
-            rot = dict(dtype=torch.float64, device=ref.device)
-            out.append((ref.new_empty(m, k), ref.new_empty(k, k), ref.new_empty(n, k),
-                        torch.empty(r, r, **rot), torch.empty(r, r, **rot)))
+            out.append(BasisUpdate(like.new_empty(m, k), like.new_empty(k, k), like.new_empty(n, k),
+                                   torch.empty(r, r, **rot), torch.empty(r, r, **rot)))
     broadcast_([t for up in out if up is not None for t in up])
     return out
-
-
-# ---------------------------------------------------------------------------------------------------- checks
-def fingerprint(tensors: Iterable[Tensor]) -> int:
-    """An integer that changes when a shape or a single bit of ``tensors`` changes, for checking that processes hold
-    identical values: ``h ← 31·h + Σ_i b_i·(i mod 65521 + 1) + |shape|`` over the bytes ``b_i`` of each tensor,
-    modulo the prime ``2⁶¹ − 1`` (fits an int64)."""
-    h = 0
-    for t in tensors:
-        data = t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).to(torch.int64)
-        weights = torch.arange(data.numel(), dtype=torch.int64) % 65521 + 1
-        shape = sum((d + 1) * 1000003 ** j for j, d in enumerate(t.shape))
-        h = (31 * h + int((data * weights).sum()) + shape) % (2 ** 61 - 1)
-    return h
-
-
-def factor_fingerprint(model: nn.Module) -> int:
-    """:func:`fingerprint` of every factored layer's ``U``, ``Σ``, ``V`` (shapes, hence ranks, included)."""
-    return fingerprint(t for m in model.modules() if isinstance(m, LowRankLayer)
-                       for t in (m.lowrank_U, m.lowrank_S, m.lowrank_V))
-
-
-def all_equal(value: int) -> bool:
-    """True when every process passed the same integer (e.g. a :func:`fingerprint`)."""
-    if not is_distributed():
-        return True
-    t = torch.tensor([-value, value], dtype=torch.int64, device=device())
-    dist.all_reduce(t, dist.ReduceOp.MAX)
-    return -t[0].item() == t[1].item()
 
 
 # ---------------------------------------------------------------------------------------------------- setup

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor
+
+from ._checks import warn
 
 # Bases whose columns drift further than this from orthonormal (max |QᵀQ - I|) are re-orthonormalized.
 ORTHONORMALITY_TOL = 1e-5
@@ -29,8 +30,7 @@ def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         try:
             u, s, vh = torch.linalg.svd(a, full_matrices=False)
         except torch.linalg.LinAlgError:
-            warnings.warn(f"SVD of a {tuple(a.shape)} matrix did not converge in {work_dtype}; retrying in float64",
-                          stacklevel=2)
+            warn(f"SVD of a {tuple(a.shape)} matrix did not converge in {work_dtype}; retrying in float64")
             try:
                 u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
             except torch.linalg.LinAlgError:

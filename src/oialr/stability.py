@@ -1,4 +1,4 @@
-"""Basis stability of weights: the metric, a tracker for any training loop, and the automatic-transition rule."""
+"""Basis stability of weights: the metric and a tracker for any training loop."""
 from __future__ import annotations
 
 import copy
@@ -8,7 +8,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections import defaultdict
 from typing import Any
 
@@ -16,17 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from . import files, linalg
-from ._checks import check_same_settings, check_state_version, is_int, is_real, raise_if_errors
-from .convert import _CONVS, weight_layers
+from ._checks import Errors, check_same_settings, check_state_version, is_int, is_real, warn
 from .layers import LowRankLayer
-from .stability_rule import PlateauRule
+from .targets import CONVS, layer_weight, weight_layers
 
-__all__ = ["basis_stability", "layer_names", "weight_matrix", "spectrum_stats", "StabilityTracker", "PlateauRule"]
+__all__ = ["basis_stability", "layer_names", "weight_matrix", "spectrum_stats", "network_stability",
+           "StabilityTracker"]
 
 STATE_VERSION = 2
 NETWORK_ROWS = ("network:mean", "network:weighted")     # the `layer` of the network rows in write_csv
 CSV_FIELDS = ("step", "layer", "rows", "cols", "stability", "sigma_max", "effective_rank", "rank_at_cutoff", "mixing")
-_MHA_INPUTS = ("in_proj", "q_proj", "k_proj", "v_proj")
 OVERHEAD_WARNING = 0.05            # warn (once, at the fourth sample) when sampling takes more of the time than this
 _CHUNK_ELEMENTS = 2 ** 24           # at most this many float64 weight entries (128 MiB) go through one batched eigh
 
@@ -71,10 +69,10 @@ def _alignment(q_prev: Tensor, q_now: Tensor) -> float:
 
 def layer_names(model: nn.Module, *, trainable_only: bool = False) -> list[str]:
     """Names of the weight matrices the tracker can measure, in registration order, named as OIALR names them
-    (:func:`oialr.convert.weight_layers`; grouped convs left out). ``trainable_only`` leaves out weights with
+    (:func:`oialr.targets.weight_layers`; grouped convs left out). ``trainable_only`` leaves out weights with
     ``requires_grad=False`` (for factored layers: ``Σ``'s flag)."""
     return [name for name, module, weight, _ in weight_layers(model)
-            if not (isinstance(module, _CONVS) and module.groups != 1) and (weight.requires_grad or not trainable_only)]
+            if not (isinstance(module, CONVS) and module.groups != 1) and (weight.requires_grad or not trainable_only)]
 
 
 def weight_matrix(model: nn.Module, name: str) -> Tensor:
@@ -83,32 +81,19 @@ def weight_matrix(model: nn.Module, name: str) -> Tensor:
     Resolved against ``model`` at every call, so it follows modules that OIALR replaced. A factored layer gives its
     dense product ``U Σ Vᵀ`` computed in float64 (so it has exactly rank ``r``); other layers their own weight.
     """
-    parent_name, _, child = name.rpartition(".")
-    try:
-        module = model.get_submodule(name)
-    except AttributeError:
-        module = None
-        parent = _submodule_or_none(model, parent_name)
-        if isinstance(parent, nn.MultiheadAttention) and child in _MHA_INPUTS:
-            weight = getattr(parent, f"{child}_weight")
-            if weight is not None:
-                return linalg.matrix_view(weight.detach())
+    module, weight = layer_weight(model, name)
     if isinstance(module, LowRankLayer):
         U, S, V = (p.detach().double() for p in (module.lowrank_U, module.lowrank_S, module.lowrank_V))
         return (U @ S) @ V.mT
-    if isinstance(module, (nn.Linear, *_CONVS)):
-        return linalg.matrix_view(module.weight.detach())
-    found = "nothing" if module is None else f"a {type(module).__name__}"
-    raise ValueError(f"layer {name!r}: expected an nn.Linear, nn.Conv1d/2d/3d, an OIALR factored layer or an attention "
-                     f"projection '<mha>.in_proj' / 'q_proj' / 'k_proj' / 'v_proj' / 'out_proj', found {found}; "
-                     "use a name from oialr.stability.layer_names(model)")
+    return linalg.matrix_view(weight.detach())
 
 
-def _submodule_or_none(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
+def network_stability(layers: dict[str, dict[str, Any]], names: list[str], *, weighted: bool = False) -> float | None:
+    """Mean stability of the layers ``names`` of a tracker record's ``layers`` that have one (weighted by ``m·n``
+    with ``weighted``); None when none has."""
+    done = [(layers[n]["stability"], math.prod(layers[n]["shape"]) if weighted else 1) for n in names]
+    done = [(s, w) for s, w in done if s is not None]
+    return sum(s * w for s, w in done) / sum(w for _, w in done) if done else None
 
 
 def spectrum_stats(s: Tensor, cutoff: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -164,27 +149,27 @@ class StabilityTracker:
                  layers: list[str] | None = None, lag: int = 1) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        errors = []
-        if not (is_int(every) and every >= 1):
-            errors.append(f"every must be an integer >= 1 (optimizer steps between samples), got {every!r}")
-        if not (is_real(cutoff) and 0.0 <= cutoff < 1.0):
-            errors.append(f"cutoff must be a number in [0, 1) (as OIALRConfig.cutoff), got {cutoff!r}")
-        if not (is_int(lag) and lag >= 1):
-            errors.append(f"lag must be an integer >= 1 (samples between the two compared snapshots), got {lag!r}")
-        if not isinstance(mixing, bool):
-            errors.append(f"mixing must be True or False, got {mixing!r}")
+        errors = Errors()
+        errors.check(is_int(every) and every >= 1,
+                     f"every must be an integer >= 1 (optimizer steps between samples), got {every!r}")
+        errors.check(is_real(cutoff) and 0.0 <= cutoff < 1.0,
+                     f"cutoff must be a number in [0, 1) (as OIALRConfig.cutoff), got {cutoff!r}")
+        errors.check(is_int(lag) and lag >= 1,
+                     f"lag must be an integer >= 1 (samples between the two compared snapshots), got {lag!r}")
+        errors.check(isinstance(mixing, bool), f"mixing must be True or False, got {mixing!r}")
         available = layer_names(model)
         if layers is None:
             layers = layer_names(model, trainable_only=True)
         elif not (isinstance(layers, (list, tuple)) and all(isinstance(n, str) for n in layers)):
-            errors.append(f"layers must be None or a list of layer names, got {layers!r}")
+            errors.check(False, f"layers must be None or a list of layer names, got {layers!r}")
         else:
             unknown = [n for n in layers if n not in available]
-            if unknown:
-                errors.append(f"layers {unknown} are not weight matrices of the model; choose from {available}")
-        if not errors and not layers:
-            errors.append(f"no weight matrix to track (layers found: {available}); pass layers=[...] to choose some")
-        raise_if_errors("StabilityTracker", errors)
+            errors.check(not unknown, f"layers {unknown} are not weight matrices of the model; choose from "
+                                      f"{available}")
+        if not errors.messages:
+            errors.check(bool(layers), f"no weight matrix to track (layers found: {available}); pass layers=[...] "
+                                       "to choose some")
+        errors.raise_if_any("StabilityTracker")
         self.model, self.every, self.cutoff, self.mixing, self.lag = model, every, float(cutoff), mixing, lag
         self.layers: list[str] = list(layers)
         self.step_count = 0
@@ -210,10 +195,9 @@ class StabilityTracker:
         if clock["samples"] == 3 and self.overhead > OVERHEAD_WARNING:
             training = max(time.perf_counter() - clock["start"] - clock["sampling"], 1e-9) / clock["steps"]
             needed = math.ceil(clock["sampling"] / clock["samples"] / training * (1 / OVERHEAD_WARNING - 1))
-            warnings.warn(f"StabilityTracker: sampling took {self.overhead:.0%} of the time since the first sample "
-                          f"at every={self.every}; sample every >= {needed} steps to keep it under "
-                          f"{OVERHEAD_WARNING:.0%} (StabilityTracker(every=...), OIALRConfig.stability_every, or "
-                          "oialr train --set stability_every=...)", stacklevel=2)
+            warn(f"StabilityTracker: sampling took {self.overhead:.0%} of the time since the first sample at "
+                 f"every={self.every}; sample every >= {needed} steps to keep it under {OVERHEAD_WARNING:.0%} "
+                 "(StabilityTracker(every=...), OIALRConfig.auto.every, or oialr train --set stability_every=...)")
         return record
 
     @property
@@ -222,10 +206,6 @@ class StabilityTracker:
         if self._clock["start"] is None:
             return None
         return self._clock["sampling"] / max(time.perf_counter() - self._clock["start"], 1e-9)
-
-    @property
-    def latest(self) -> dict[str, Any] | None:
-        return self.records[-1] if self.records else None
 
     @torch.no_grad()
     def sample(self) -> dict[str, Any]:
@@ -240,8 +220,8 @@ class StabilityTracker:
                 tall = linalg.tall_view(matrix)
                 groups[(tuple(tall.shape), tall.device)].append((name, tall))
             else:
-                warnings.warn(f"StabilityTracker: layer {name!r} has non-finite weights at step {self.step_count}; "
-                              "it is recorded as None and its series restarts", stacklevel=2)
+                warn(f"StabilityTracker: layer {name!r} has non-finite weights at step {self.step_count}; it is "
+                     "recorded as None and its series restarts")
                 self._q.pop(name, None)
                 self._r.pop(name, None)
         for key, items in groups.items():
@@ -249,13 +229,11 @@ class StabilityTracker:
             size = max(1, _CHUNK_ELEMENTS // (m * n))
             for start in range(0, len(items), size):
                 self._measure(items[start:start + size], layers)
-        done = [(layers[n]["stability"], math.prod(layers[n]["shape"])) for n in self.layers]
-        done = [(s, w) for s, w in done if s is not None]
         record = {
             "step": self.step_count,
             "lag_steps": self.lag * self.every,
-            "network_stability": sum(s for s, _ in done) / len(done) if done else None,
-            "weighted_stability": sum(s * w for s, w in done) / sum(w for _, w in done) if done else None,
+            "network_stability": network_stability(layers, self.layers),
+            "weighted_stability": network_stability(layers, self.layers, weighted=True),
             "layers": layers,
         }
         self.records.append(record)

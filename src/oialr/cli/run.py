@@ -54,7 +54,7 @@ class TrainingRun:
 
     def __init__(self, cfg: TrainConfig, out: str, *, log=print):
         self.cfg, self.out = cfg, out
-        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.rank, self.world_size = distributed.process_rank(), distributed.world_size()
         self.log = log if self.rank == 0 else (lambda *args, **kwargs: None)
         self.epoch = 0                 # completed epochs
         self.batch_in_epoch = 0        # batches of the current epoch already trained (resume mid-epoch)
@@ -88,10 +88,12 @@ class TrainingRun:
         wrap = distributed.ddp if self.world_size > 1 else None
         if cfg.compile:
             wrap = _compiled(wrap)
-        self.controller = OIALR(self.model, self.optimizer, cfg.oialr, wrap=wrap) if cfg.method == "oialr" else None
-        self._net = self.model if wrap is None or self.controller is not None else wrap(self.model)
         self.tracker = None if cfg.stability_every is None or self.rank != 0 else StabilityTracker(
             self.model, every=cfg.stability_every, cutoff=cfg.oialr.cutoff, mixing=True, lag=cfg.stability_lag)
+        auto = cfg.oialr.warmup_steps == "auto"         # its transition reads the run's series when there is one
+        self.controller = OIALR(self.model, self.optimizer, cfg.oialr, wrap=wrap,
+                                tracker=self.tracker if auto else None) if cfg.method == "oialr" else None
+        self._net = self.model if wrap is None or self.controller is not None else wrap(self.model)
         images = len(self.data.input_shape) == 3
         self.train_loader = Loader(self.data.train.x, self.data.train.y, cfg.batch_size // self.world_size,
                                    shuffle=True, drop_last=True, augment=cfg.augment and images,
@@ -197,10 +199,10 @@ class TrainingRun:
         if self.cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
+        if self.tracker is not None:                # first: an automatic transition reads its sample of this step
+            self.tracker.step()
         if self.controller is not None:
             self.controller.step()
-        if self.tracker is not None:
-            self.tracker.step()
         self.step += 1
         self._sums["loss"] += loss.detach() * len(y)        # summed on the device: no sync per step
         self._sums["correct"] += (logits.argmax(1) == y).sum()

@@ -6,7 +6,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .._checks import is_int, is_real, nested_errors, raise_if_errors
+from .._checks import Errors, is_int, is_real
+from ..auto_transition import AutoTransition
 from ..config import OIALRConfig
 
 DATASETS = ("mnist1d", "fashion-mnist")
@@ -105,6 +106,11 @@ def _errors(cfg: TrainConfig) -> list[str]:
     check(cfg.stability_every is None or (is_int(cfg.stability_every) and cfg.stability_every >= 1),
           f"stability_every must be an integer >= 1 or null, got {cfg.stability_every!r}")
     positive_int("stability_lag")
+    auto = cfg.oialr.auto
+    check(cfg.method != "oialr" or cfg.oialr.warmup_steps != "auto" or cfg.stability_every is None
+          or (cfg.stability_every, cfg.stability_lag) == (auto.every, auto.lag),
+          f"stability_every/stability_lag ({cfg.stability_every}/{cfg.stability_lag}) must equal oialr.auto.every/"
+          f"lag ({auto.every}/{auto.lag}): the automatic transition reads the run's stability series; set both alike")
     check(cfg.threads is None or (is_int(cfg.threads) and cfg.threads >= 1),
           f"threads must be an integer >= 1 or null, got {cfg.threads!r}")
     return errors
@@ -116,40 +122,41 @@ def build_config(file_values: dict | None = None, overrides: list[str] | None = 
     ``overrides`` (``"key=value"``, dotted keys for ``oialr.*`` and ``model_args.*``; values parsed as YAML).
     Raises :class:`ConfigError` listing every problem at once."""
     values: dict[str, Any] = TrainConfig().to_dict()
-    errors: list[str] = []
+    errors = Errors()
     layers = [("config file", file_values or {}), ("option", {k: v for k, v in flags.items() if v is not None})]
     parsed_overrides: dict[str, Any] = {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            errors.append(f"--set expects key=value, got {item!r}")
+            errors.check(False, f"--set expects key=value, got {item!r}")
             continue
         parsed_overrides[key.strip()] = _parse_value(raw)
     layers.append(("--set", parsed_overrides))
     for source, mapping in layers:
         if not isinstance(mapping, dict):
-            errors.append(f"{source} must be a mapping of settings, got {type(mapping).__name__}")
+            errors.check(False, f"{source} must be a mapping of settings, got {type(mapping).__name__}")
             continue
         for key, value in _flatten(mapping).items():
-            errors.extend(_assign(values, key, value, source))
+            errors.messages.extend(_assign(values, key, value, source))
     oialr_values = values.pop("oialr")
     try:
         values["oialr"] = OIALRConfig(**oialr_values)
     except ValueError as err:
-        errors.extend(nested_errors(err, "oialr."))
-    if not errors:
+        errors.nested(err, "oialr.")
+    if not errors.messages:
         cfg = TrainConfig(**values)
-        errors = _errors(cfg)
-    raise_if_errors("training configuration", errors, ConfigError)
+        errors.messages.extend(_errors(cfg))
+    errors.raise_if_any("training configuration", ConfigError)
     return cfg
 
 
 def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"oialr": {"cutoff": 0.2}}`` -> ``{"oialr.cutoff": 0.2}``; ``model_args`` values stay whole."""
+    """``{"oialr": {"cutoff": 0.2, "auto": {"lag": 2}}}`` -> ``{"oialr.cutoff": 0.2, "oialr.auto.lag": 2}``;
+    ``model_args`` values stay whole."""
     flat = {}
     for key, value in mapping.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and name == "oialr":
+        if isinstance(value, dict) and name in ("oialr", "oialr.auto"):
             flat.update(_flatten(value, f"{name}."))
         elif isinstance(value, dict) and name == "model_args":
             flat.update({f"model_args.{k}": v for k, v in value.items()})
@@ -160,9 +167,12 @@ def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
 
 def _assign(values: dict[str, Any], key: str, value: Any, source: str) -> list[str]:
     head, _, rest = key.partition(".")
-    oialr_fields = {f.name for f in dataclasses.fields(OIALRConfig)}
+    oialr_fields = {f.name for f in dataclasses.fields(OIALRConfig)} - {"auto"}
+    auto_fields = {f.name for f in dataclasses.fields(AutoTransition)}
     if head == "oialr" and rest in oialr_fields:
         values["oialr"][rest] = value
+    elif head == "oialr" and rest.startswith("auto.") and rest[5:] in auto_fields:
+        values["oialr"]["auto"][rest[5:]] = value
     elif head == "model_args" and rest:
         values["model_args"][rest] = value
     elif not rest and head in values and head not in ("oialr", "model_args"):
@@ -170,7 +180,7 @@ def _assign(values: dict[str, Any], key: str, value: Any, source: str) -> list[s
     else:
         known = sorted(k for k in values if k not in ("oialr", "model_args"))
         return [f"unknown setting {key!r} ({source}); known: {', '.join(known)}, model_args.<name>, "
-                f"oialr.<{'|'.join(sorted(oialr_fields))}>"]
+                f"oialr.<{'|'.join(sorted(oialr_fields))}>, oialr.auto.<{'|'.join(sorted(auto_fields))}>"]
     return []
 
 

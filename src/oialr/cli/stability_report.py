@@ -57,9 +57,9 @@ def summarize(records: list[dict], total_steps: int | None, rule: PlateauRule | 
 def report(run_dir: str) -> dict:
     """Write ``stability_network.png``, ``stability_layers.png``, ``spectra.png`` (if ``spectra.json`` exists) and
     ``stability_summary.json`` to ``run_dir``; return the summary. The automatic-transition rule replayed on the
-    series is the run's own (its ``oialr.auto_*`` settings), so a full-rank run shows where ``warmup_steps="auto"``
-    would have switched: a cheap way to tune the rule (the controller samples with lag 1, every
-    ``oialr.stability_every`` steps)."""
+    series is the run's own (its ``oialr.auto`` settings), so a full-rank run shows where ``warmup_steps="auto"``
+    would have switched: a cheap way to tune the rule (the controller samples at ``oialr.auto.lag``, every
+    ``oialr.auto.every`` steps)."""
     records = load_series(run_dir)
     total_steps, rule = None, None
     results_path = os.path.join(run_dir, "results.json")
@@ -67,7 +67,7 @@ def report(run_dir: str) -> dict:
         with open(results_path) as f:
             results = json.load(f)
         total_steps = results.get("steps")
-        rule = OIALRConfig(**results["config"]["oialr"]).auto_rule()
+        rule = PlateauRule.from_settings(OIALRConfig.from_dict(results["config"]["oialr"]).auto)
     summary = summarize(records, total_steps, rule)
     files.write_json(os.path.join(run_dir, "stability_summary.json"), summary)
     try:

@@ -1,11 +1,14 @@
 """LowRankLayer: the shared base of the factored layers, ``W = U Σ Vᵀ`` with only ``Σ`` trainable."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 
-
 PATHS = ("chain", "merged", "dense")
+_forced_path: str | None = None         # set by force_path()
 
 
 def forward_path(tokens: int, m: int, n: int, r: int) -> str:
@@ -26,6 +29,21 @@ def forward_path(tokens: int, m: int, n: int, r: int) -> str:
         "dense": 3 * tokens * m * n + 2 * (m * r * n + min(m, n) * r * r),
     }
     return min(PATHS, key=costs.__getitem__)
+
+
+@contextmanager
+def force_path(path: str) -> Iterator[None]:
+    """Inside the block every factored layer applies its weight by ``path`` (one of :data:`PATHS`) instead of
+    :func:`forward_path`'s cheapest choice: for timing the paths against each other, or checking that they agree.
+    Not thread-safe (one setting for the process)."""
+    global _forced_path
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    previous, _forced_path = _forced_path, path
+    try:
+        yield
+    finally:
+        _forced_path = previous
 
 
 def rebuild(U: Tensor, S: Tensor, V: Tensor) -> Tensor:
@@ -68,23 +86,23 @@ class LowRankLayer(nn.Module):
         """``(m, n)`` of the weight seen as a matrix ``out × rest``."""
         return self.lowrank_U.shape[0], self.lowrank_V.shape[0]
 
-    @property
-    def full_rank(self) -> int:
-        return min(self.matrix_shape)
-
     def dense_matrix(self) -> Tensor:
         """``W = U Σ Vᵀ`` as an ``m×n`` matrix (differentiable in ``Σ``)."""
         return rebuild(self.lowrank_U, self.lowrank_S, self.lowrank_V)
 
     def path(self, tokens: int, rows: int | None = None) -> str:
-        """:func:`forward_path` for ``tokens`` input rows (and ``rows`` of the ``m`` outputs)."""
+        """:func:`forward_path` for ``tokens`` input rows (and ``rows`` of the ``m`` outputs), or the path that
+        :func:`force_path` set."""
+        if _forced_path is not None:
+            return _forced_path
         m, n = self.matrix_shape
         return forward_path(tokens, m if rows is None else rows, n, self.rank)
 
     @torch.no_grad()
-    def set_factors(self, U: Tensor, S: Tensor, V: Tensor) -> None:
-        """Replace the factors. Same shapes: copied in place (Parameter objects kept). New rank: new Parameters
-        (the caller moves optimizer state from the old ``lowrank_S`` object to the new one)."""
+    def set_factors(self, U: Tensor, S: Tensor, V: Tensor) -> bool:
+        """Replace the factors; return whether the Parameter objects were replaced. Same rank: copied in place
+        (Parameters kept, False). New rank: new Parameters in the old ones' dtype and device (True; the caller
+        moves ``Σ``'s optimizer entry to the new ``lowrank_S`` and rebuilds any wrapper holding the old ones)."""
         self._check_factors(U, S, V)
         if U.shape[0] != self.lowrank_U.shape[0] or V.shape[0] != self.lowrank_V.shape[0]:
             raise ValueError(f"new factors have matrix shape {(U.shape[0], V.shape[0])}, "
@@ -93,11 +111,12 @@ class LowRankLayer(nn.Module):
             self.lowrank_U.copy_(U)
             self.lowrank_S.copy_(S)
             self.lowrank_V.copy_(V)
-            return
+            return False
         ref = self.lowrank_S
         self.lowrank_U = nn.Parameter(U.to(ref), requires_grad=False)
         self.lowrank_S = nn.Parameter(S.to(ref), requires_grad=ref.requires_grad)
         self.lowrank_V = nn.Parameter(V.to(ref), requires_grad=False)
+        return True
 
     def to_compact(self) -> nn.Module:
         """The plain-torch form storing the fewest parameters: two layers, ``Σ Vᵀ (r×n)`` then ``U (m×r)`` (and the

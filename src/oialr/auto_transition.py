@@ -1,12 +1,59 @@
-"""PlateauRule: choose the full-rank → low-rank transition from measured network stability."""
+"""The automatic transition: its settings (:class:`AutoTransition`) and the rule that reads measured network
+stability to end the full-rank phase (:class:`PlateauRule`)."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from ._checks import check_same_settings, check_state_version, is_int, is_real, raise_if_errors
+from ._checks import Errors, check_same_settings, check_state_version, is_int, is_real
 
 RULE_STATE_VERSION = 1
+
+
+def _rule_checks(errors: Errors, threshold: Any, window: Any, epsilon: Any, min_steps: Any, max_steps: Any) -> None:
+    errors.check(is_real(threshold) and -1.0 < threshold <= 1.0,
+                 f"threshold must be a number in (-1, 1] (stability's range), got {threshold!r}")
+    errors.check(is_int(window) and window >= 1, f"window must be an integer >= 1 (samples that must agree), "
+                                                 f"got {window!r}")
+    errors.check(is_real(epsilon) and 0.0 <= epsilon <= 2.0,
+                 f"epsilon must be a number in [0, 2] (max − min stability over the window), got {epsilon!r}")
+    errors.check(is_int(min_steps) and min_steps >= 0, f"min_steps must be an integer >= 0, got {min_steps!r}")
+    if max_steps is not None and not (is_int(max_steps) and max_steps >= 1):
+        errors.check(False, f"max_steps must be None or an integer >= 1, got {max_steps!r}")
+    elif max_steps is not None and is_int(min_steps):
+        errors.check(max_steps >= min_steps, f"max_steps must be None or >= min_steps ({min_steps}), "
+                                             f"got {max_steps!r}")
+
+
+@dataclass
+class AutoTransition:
+    """Settings of ``OIALRConfig(warmup_steps="auto")``: sample the network's basis stability every ``every``
+    optimizer steps and switch to low rank once it has plateaued (:class:`PlateauRule`).
+
+        every: steps between two stability samples of the layers to convert (``>= 1``).
+        lag: each sample is compared with the one this many samples earlier (``>= 1``; bases ``lag · every`` steps
+            apart; :class:`oialr.StabilityTracker`'s ``lag``).
+        threshold, window, epsilon: switch at the first sample where network stability ``>= threshold`` and its
+            max − min over the last ``window`` samples ``<= epsilon``...
+        min_steps: ...but not before this step...
+        max_steps: ...and at this step at the latest (``None``: no limit).
+    """
+
+    every: int = 50
+    lag: int = 1
+    threshold: float = 0.99
+    window: int = 4
+    epsilon: float = 0.002
+    min_steps: int = 200
+    max_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        errors = Errors()
+        errors.check(is_int(self.every) and self.every >= 1, f"every must be an integer >= 1, got {self.every!r}")
+        errors.check(is_int(self.lag) and self.lag >= 1, f"lag must be an integer >= 1, got {self.lag!r}")
+        _rule_checks(errors, self.threshold, self.window, self.epsilon, self.min_steps, self.max_steps)
+        errors.raise_if_any("AutoTransition")
 
 
 class PlateauRule:
@@ -34,22 +81,17 @@ class PlateauRule:
         max_steps=None   no forced switch; set it to the hand-set warm-up you would have used (e.g. 1000)
     """
 
+    @classmethod
+    def from_settings(cls, auto: AutoTransition) -> PlateauRule:
+        """The rule of an :class:`AutoTransition`."""
+        return cls(threshold=auto.threshold, window=auto.window, epsilon=auto.epsilon, min_steps=auto.min_steps,
+                   max_steps=auto.max_steps)
+
     def __init__(self, threshold: float = 0.99, window: int = 4, epsilon: float = 0.002, min_steps: int = 200,
                  max_steps: int | None = None) -> None:
-        errors = []
-        if not (is_real(threshold) and -1.0 < threshold <= 1.0):
-            errors.append(f"threshold must be a number in (-1, 1] (stability's range), got {threshold!r}")
-        if not (is_int(window) and window >= 1):
-            errors.append(f"window must be an integer >= 1 (samples that must agree), got {window!r}")
-        if not (is_real(epsilon) and 0.0 <= epsilon <= 2.0):
-            errors.append(f"epsilon must be a number in [0, 2] (max − min stability over the window), got {epsilon!r}")
-        if not (is_int(min_steps) and min_steps >= 0):
-            errors.append(f"min_steps must be an integer >= 0, got {min_steps!r}")
-        if max_steps is not None and not (is_int(max_steps) and max_steps >= 1):
-            errors.append(f"max_steps must be None or an integer >= 1, got {max_steps!r}")
-        elif max_steps is not None and is_int(min_steps) and max_steps < min_steps:
-            errors.append(f"max_steps must be None or >= min_steps ({min_steps}), got {max_steps!r}")
-        raise_if_errors("PlateauRule", errors)
+        errors = Errors()
+        _rule_checks(errors, threshold, window, epsilon, min_steps, max_steps)
+        errors.raise_if_any("PlateauRule")
         self.threshold, self.window, self.epsilon = float(threshold), window, float(epsilon)
         self.min_steps, self.max_steps = min_steps, max_steps
         self.history: list[float] = []        # the last `window` stabilities
