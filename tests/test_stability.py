@@ -3,7 +3,6 @@ import csv
 import io
 import json
 import math
-import time
 import warnings
 
 import pytest
@@ -313,22 +312,54 @@ def test_state_dict_round_trip():
         resumed.load_state_dict({**saved["tracker"], "version": 1})
 
 
-def test_overhead_is_measured_and_a_costly_every_is_warned_about():
+class StepClock:
+    """A stand-in for :mod:`time` in :mod:`oialr.stability` whose ``perf_counter`` moves only when told: a training
+    step of ``step`` seconds before each ``tracker.step()``, ``sample`` seconds inside each sample. The overhead is
+    then exact whatever the load on the machine."""
+
+    def __init__(self, monkeypatch, tracker: StabilityTracker, step: float, sample: float) -> None:
+        self.now, self.step_seconds, self.tracker = 0.0, step, tracker
+        monkeypatch.setattr(oialr.stability, "time", self)
+        measure = tracker.sample
+
+        def timed_sample():
+            self.now += sample
+            return measure()
+        monkeypatch.setattr(tracker, "sample", timed_sample)
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def train(self, steps: int) -> None:
+        for _ in range(steps):
+            self.now += self.step_seconds
+            self.tracker.step()
+
+
+def test_overhead_is_measured_and_a_costly_every_is_warned_about(monkeypatch):
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    real = StabilityTracker(model, every=1)
+    assert real.overhead is None
+    for _ in range(3):
+        real.step()
+    assert 0 < real.overhead <= 1                   # the real clock: a share of the wall time, whatever the load
     slow = StabilityTracker(model, every=1)
-    assert slow.overhead is None
+    clock = StepClock(monkeypatch, slow, step=0.25, sample=2 ** -10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for _ in range(5):
-            time.sleep(0.2)                         # a training step much longer than a sample
-            slow.step()
-    assert 0 < slow.overhead < 0.05
+        clock.train(5)                              # a training step much longer than a sample: no warning
+    # timed from the end of the first sample: 4 samples of 2^-10 s in 4 × (0.25 + 2^-10) s
+    assert slow.overhead == pytest.approx(1 / 257)
     fast = StabilityTracker(model, every=1)
-    with pytest.warns(UserWarning, match=r"sampling took \d+% of the time since the first sample at every=1; sample "
-                                         r"every >= \d+ steps to keep it under 5%") as caught:
-        for _ in range(6):
-            fast.step()                             # steps that cost nothing: sampling is all the time
-    assert len(caught) == 1 and fast.overhead > 0.5
+    clock = StepClock(monkeypatch, fast, step=0.125, sample=0.5)
+    with pytest.warns(UserWarning) as caught:
+        clock.train(6)                              # samples 4× a step: warned once, at the fourth sample
+    # at the fourth sample 3 × 0.5 s of 3 × 0.625 s; a sample is 4 steps, so 5% needs every >= ceil(4 · 19)
+    assert [str(w.message) for w in caught] == [
+        "StabilityTracker: sampling took 80% of the time since the first sample at every=1; sample every >= 76 "
+        "steps to keep it under 5% (StabilityTracker(every=...), OIALRConfig.auto.every, or oialr train --set "
+        "stability_every=...)"]
+    assert fast.overhead == pytest.approx(5 * 0.5 / (5 * 0.625))
 
 
 def test_lag_compares_with_the_sample_lag_samples_back():
