@@ -10,10 +10,7 @@ import torch
 from torch import nn
 
 import oialr
-from oialr.layers import base
-
-# The library's path choice, kept before any benchmark config patches ``oialr.layers.base.forward_path``.
-library_forward_path = base.forward_path
+from oialr.layers import PATHS, forward_path
 
 
 def rebuild_macs(m: int, n: int, r: int) -> int:
@@ -23,7 +20,7 @@ def rebuild_macs(m: int, n: int, r: int) -> int:
 
 def training_macs(tokens: int, m: int, n: int, r: int, path: str) -> int:
     """Forward + backward multiply-adds of one layer, ``W (m×n)`` applied to ``T`` rows (tokens, or batch × output
-    positions of a conv) at rank ``r``, on ``path``: ``"full"`` (a dense layer) or one of ``base.PATHS``::
+    positions of a conv) at rank ``r``, on ``path``: ``"full"`` (a dense layer) or one of ``oialr.layers.PATHS``::
 
         full      fwd T·m·n                       bwd dX, dW: 2·T·m·n
         chain     fwd h = xV, h Σᵀ, h Uᵀ:         bwd dh = dy U (T·m·r), dΣ and dh Σ (2·T·r²), dX (T·r·n)
@@ -33,7 +30,7 @@ def training_macs(tokens: int, m: int, n: int, r: int, path: str) -> int:
         dense     fwd T·m·n + R                   bwd 2·T·m·n + R, with R = rebuild_macs(m, n, r)
 
     No ``dU`` or ``dV``: ``U`` and ``V`` are frozen. ``dX`` of the first layer is counted although autograd skips it.
-    These are the costs :func:`oialr.layers.base.forward_path` compares; they are written out here on their own.
+    These are the costs :func:`oialr.layers.forward_path` compares; they are written out here on their own.
     """
     if path == "full":
         return 3 * tokens * m * n
@@ -49,7 +46,7 @@ def training_macs(tokens: int, m: int, n: int, r: int, path: str) -> int:
 def choose_path(config_path: str | None, tokens: int, m: int, n: int, r: int) -> str:
     """The path a factored layer takes under a config (``workloads.Config.path``: ``None`` = the library's choice,
     else the forced path)."""
-    return library_forward_path(tokens, m, n, r) if config_path is None else config_path
+    return forward_path(tokens, m, n, r) if config_path is None else config_path
 
 
 def trace_tokens(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, int], int]:
@@ -117,26 +114,42 @@ class FlopModel:
             total += training_macs(t, m, n, r, choose_path(path, t, m, n, r))
         return total
 
-    def layer_rows(self, fractions: list[float]) -> list[list]:
-        """Per converted layer (identical layers of repeated blocks grouped as ``blocks.*.attn.qkv ×6``): shape,
-        ``T``, full-rank forward + backward MMAC, and per rank fraction: ``r``, the path the library chooses and its
-        forward + backward MMAC as a fraction of the full-rank layer's."""
+    def layer_costs(self, fractions: list[float]) -> list[dict]:
+        """Per converted layer (identical layers of repeated blocks grouped as ``blocks.*.attn.qkv ×6``): ``label``,
+        ``shape (m, n)``, ``tokens`` ``T``, forward + backward multiply-adds of the full-rank layer (``full_macs``) and
+        per rank fraction (``fractions[f]``): the rank, the path the library chooses, that path's multiply-adds as a
+        fraction of the full-rank layer's (``cost``) and the path with the fewest multiply-adds by this model
+        (``cheapest``; ``None`` when it costs what the library's path costs)."""
         groups: dict[tuple, list[str]] = defaultdict(list)
         for info in self.layers:
             if info.convert:
                 pattern = re.sub(r"(?<=\.)\d+(?=\.)|^\d+(?=\.)", "*", info.name)
                 groups[(pattern, *info.shape, self.tokens[info.name])].append(info.name)
-        rows = []
+        layers = []
         for (pattern, m, n, t), names in groups.items():
-            label = f"{pattern} ×{len(names)}" if len(names) > 1 else names[0]
             full = training_macs(t, m, n, min(m, n), "full")
-            row = [label, f"{m}×{n}", t, f"{full / 1e6:.0f}"]
+            per_fraction = {}
             for f in fractions:
                 r = math.ceil(f * min(m, n))
-                path = library_forward_path(t, m, n, r)
-                cheapest = min(base.PATHS, key=lambda p: training_macs(t, m, n, r, p))
-                disagree = "" if training_macs(t, m, n, r, cheapest) == training_macs(t, m, n, r, path) \
-                    else f" (model: {cheapest})"
-                row.append(f"{r}: {path} {training_macs(t, m, n, r, path) / full:.2f}{disagree}")
-            rows.append(row)
-        return rows
+                path = forward_path(t, m, n, r)
+                cheapest = min(PATHS, key=lambda p: training_macs(t, m, n, r, p))
+                same = training_macs(t, m, n, r, cheapest) == training_macs(t, m, n, r, path)
+                per_fraction[f] = {"rank": r, "path": path, "cost": training_macs(t, m, n, r, path) / full,
+                                   "cheapest": None if same else cheapest}
+            layers.append({"label": f"{pattern} ×{len(names)}" if len(names) > 1 else names[0], "shape": (m, n),
+                           "tokens": t, "full_macs": full, "fractions": per_fraction})
+        return layers
+
+
+def layer_rows(layers: list[dict]) -> list[list]:
+    """Table rows of :meth:`FlopModel.layer_costs`: label, ``m×n``, ``T``, full-rank MMAC, then per fraction
+    ``"r: path cost"`` (and ``(model: cheapest)`` where this model prefers another path)."""
+    rows = []
+    for layer in layers:
+        m, n = layer["shape"]
+        row = [layer["label"], f"{m}×{n}", layer["tokens"], f"{layer['full_macs'] / 1e6:.0f}"]
+        for c in layer["fractions"].values():
+            disagree = "" if c["cheapest"] is None else f" (model: {c['cheapest']})"
+            row.append(f"{c['rank']}: {c['path']} {c['cost']:.2f}{disagree}")
+        rows.append(row)
+    return rows

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import harness
-from flops import FlopModel
+from flops import FlopModel, layer_rows
 from workloads import CONFIGS, FULL_RANK, WORKLOADS, Config, Trainer, Workload
 
 MB = 2 ** 20
@@ -33,7 +33,7 @@ def saved_activation_bytes(trainer: Trainer) -> int:
             saved[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with trainer.config.patched(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with trainer.config.path_context(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         F.cross_entropy(trainer.model(trainer.x), trainer.y)
     return sum(saved.values())
 
@@ -56,7 +56,7 @@ def probe_memory(workload: Workload, config: Config, device: str = "cpu") -> dic
             "saved": saved_activation_bytes(trainer), "peak": params + adam + delta}
 
 
-def memory_rows(workload: Workload, configs: list[str], threads: int, device: str = "cpu") -> tuple[list[list], dict]:
+def measure_memory(workload: Workload, configs: list[str], threads: int, device: str = "cpu") -> dict[str, dict]:
     """:func:`probe_memory` of every config: on the CPU one fresh process per config, two at a time (memory does
     not depend on CPU contention); on a GPU in this process, one config after the other."""
     def probe(name: str) -> dict:
@@ -69,19 +69,15 @@ def memory_rows(workload: Workload, configs: list[str], threads: int, device: st
             results[name] = probe_memory(workload, CONFIGS[name], device)
             gc.collect()
             torch.cuda.empty_cache()
-    else:
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            results = dict(zip(configs, pool.map(probe, configs)))
-    base = results[FULL_RANK]["peak"]
-    rows = [[name, *(f"{r[k] / MB:.1f}" for k in ("params", "adam", "grads", "saved", "delta", "peak")),
-             f"{r['peak'] / base:.2f}"] for name, r in results.items()]
-    return rows, results
+        return results
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(configs, pool.map(probe, configs)))
 
 
 def update_cost(trainer: Trainer, repeats: int = 3, sync=lambda: None) -> float:
-    """Median seconds of one basis update (``controller._update_bases()``: SVD of every Σ, rotation of the
+    """Median seconds of one basis update (``controller.update_bases()``: SVD of every Σ, rotation of the
     factors and of the AdamW state) after the trainer's steps, over ``repeats`` updates after one untimed."""
-    return harness.median(harness.interleaved({"update": trainer.controller._update_bases},
+    return harness.median(harness.interleaved({"update": trainer.controller.update_bases},
                                               repeats=repeats, calls=1, warmup=1, sync=sync)["update"])
 
 
@@ -90,9 +86,13 @@ def counts(trainer: Trainer) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def run(workload: Workload, *, repeats: int, steps: int, warmup: int, threads: int,
-        memory: bool = True, device: str = "cpu") -> tuple[str, dict]:
-    """All measurements of one workload: returns the markdown section and the numbers (for the targets table)."""
+def measure(workload: Workload, *, repeats: int, steps: int, warmup: int, threads: int,
+            memory: bool = True, device: str = "cpu") -> dict:
+    """All measurements of one workload, as plain data: step-time samples per config (seconds per step, one per
+    round), their medians (``step_ms``) and per-round ratios to full-rank (``ratio``), the multiply-add prediction
+    (``predicted``, ``base_macs``, ``attention_macs``, per-layer ``layers``), parameter counts, basis-update cost
+    (``update_ms`` and ``update``, its share of training time at ``update_every``), the memory probes (``memory``,
+    empty without ``memory``) and the load around the timed loop."""
     names = list(workload.configs)
     trainers = {name: Trainer(workload, CONFIGS[name], device=device) for name in names}
     flop_model = FlopModel(workload.build(), trainers[FULL_RANK].x.cpu())
@@ -102,56 +102,79 @@ def run(workload: Workload, *, repeats: int, steps: int, warmup: int, threads: i
         samples = harness.interleaved({name: t.step for name, t in trainers.items()},
                                       repeats=repeats, calls=steps, warmup=warmup, sync=sync)
     base = samples[FULL_RANK]
-    ratio = {name: harness.median([s / b for s, b in zip(samples[name], base)]) for name in names}
     step_ms = {name: 1e3 * harness.median(samples[name]) for name in names}
     base_macs = flop_model.step_macs(CONFIGS[FULL_RANK])
-    predicted = {name: flop_model.step_macs(CONFIGS[name]) / base_macs for name in names}
-    step_rows = []
-    for name in names:
-        trainable, stored = counts(trainers[name])
-        step_rows.append([name, f"{step_ms[name]:.1f}", harness.spread(samples[name]), f"{ratio[name]:.3f}",
-                          f"{predicted[name]:.3f}", f"{trainable:,}", f"{stored:,}"])
-
-    update_rows, update = [], {}
+    update_ms, update_every, update = {}, {}, {}
     for name in names:
         config, trainer = CONFIGS[name], trainers[name]
         if trainer.controller is None or config.path is not None:
             continue
         seconds = update_cost(trainer, sync=sync)
-        every = trainer.controller.config.update_every
-        update[name] = seconds / (every * step_ms[name] / 1e3)
-        update_rows.append([name, f"{1e3 * seconds:.2f}", every, f"{100 * update[name]:.2f}%"])
+        update_ms[name], update_every[name] = 1e3 * seconds, trainer.controller.config.update_every
+        update[name] = seconds / (update_every[name] * step_ms[name] / 1e3)
+    return {
+        "workload": workload.name, "description": workload.description, "repeats": repeats, "steps": steps,
+        "warmup": warmup, "device": device, "device_name": harness.device_name(device),
+        "load_before": load_before, "foreign_cores": other.cores,
+        "samples": samples, "step_ms": step_ms,
+        "ratio": {name: harness.median([s / b for s, b in zip(samples[name], base)]) for name in names},
+        "predicted": {name: flop_model.step_macs(CONFIGS[name]) / base_macs for name in names},
+        "base_macs": base_macs, "attention_macs": flop_model.attention_macs,
+        "params": {name: dict(zip(("trainable", "stored"), counts(t))) for name, t in trainers.items()},
+        "update_ms": update_ms, "update_every": update_every, "update": update,
+        "memory": measure_memory(workload, names, threads, device) if memory else {},
+        "layers": flop_model.layer_costs(FRACTIONS),
+    }
 
-    on = "" if torch.device(device).type == "cpu" else f" on {harness.device_name(device)}"
-    out = [f"### {workload.name}: {workload.description}{on}", "",
-           f"{repeats} interleaved rounds × {steps} steps per config after {warmup} warm-up steps. Load average "
-           f"{load_before} before the timed loop; other processes kept {other.cores:.2f} cores busy on average "
-           "during it.", "",
+
+def render(numbers: dict) -> str:
+    """The markdown section of one workload from :func:`measure`'s numbers."""
+    names, samples = list(numbers["samples"]), numbers["samples"]
+    cuda = torch.device(numbers["device"]).type != "cpu"
+    step_rows = [[name, f"{numbers['step_ms'][name]:.1f}", harness.spread(samples[name]),
+                  f"{numbers['ratio'][name]:.3f}", f"{numbers['predicted'][name]:.3f}",
+                  f"{numbers['params'][name]['trainable']:,}", f"{numbers['params'][name]['stored']:,}"]
+                 for name in names]
+    update_rows = [[name, f"{ms:.2f}", numbers["update_every"][name], f"{100 * numbers['update'][name]:.2f}%"]
+                   for name, ms in numbers["update_ms"].items()]
+    on = f" on {numbers['device_name']}" if cuda else ""
+    out = [f"### {numbers['workload']}: {numbers['description']}{on}", "",
+           f"{numbers['repeats']} interleaved rounds × {numbers['steps']} steps per config after {numbers['warmup']} "
+           f"warm-up steps. Load average {numbers['load_before']} before the timed loop; other processes kept "
+           f"{numbers['foreign_cores']:.2f} cores busy on average during it.", "",
            harness.markdown_table(["config", "ms/step (median)", "min/max vs median", "ratio to full-rank",
                                    "predicted ratio (MACs)", "trainable params", "stored params"], step_rows), "",
-           f"Predicted full-rank step: {base_macs / 1e9:.2f} G multiply-adds (forward + backward, "
-           f"attention products {3 * flop_model.attention_macs / 1e9:.2f} G of it).", "",
+           f"Predicted full-rank step: {numbers['base_macs'] / 1e9:.2f} G multiply-adds (forward + backward, "
+           f"attention products {3 * numbers['attention_macs'] / 1e9:.2f} G of it).", "",
            "Basis update (median of 3) relative to training time at the default interval:", "",
            harness.markdown_table(["config", "ms per update", "update_every", "share of training time"],
                                   update_rows), ""]
-    mem = {}
-    if memory:
-        rows, mem = memory_rows(workload, names, threads, device)
-        increase = "peak RSS increase" if torch.device(device).type == "cpu" else "peak allocated increase"
-        how = "fresh process per config" if torch.device(device).type == "cpu" else "torch's allocator statistics"
+    mem = numbers["memory"]
+    if mem:
+        base = mem[FULL_RANK]["peak"]
+        rows = [[name, *(f"{r[k] / MB:.1f}" for k in ("params", "adam", "grads", "saved", "delta", "peak")),
+                 f"{r['peak'] / base:.2f}"] for name, r in mem.items()]
+        increase = "peak allocated increase" if cuda else "peak RSS increase"
+        how = "torch's allocator statistics" if cuda else "fresh process per config"
         out += [f"Memory of a steady-state training step (MiB; {how}; peak = parameters + AdamW "
                 f"state + measured {increase} during the step):", "",
                 harness.markdown_table(["config", "params (incl. frozen U, V)", "AdamW state", "grads",
                                         "saved activations", increase, "peak", "ratio"], rows), ""]
     out += ["Per converted layer: forward + backward multiply-adds of the full-rank layer (M), and per rank fraction "
-            "the rank r, the path `oialr.layers.base.forward_path` chooses and that path's forward + backward "
+            "the rank r, the path `oialr.layers.forward_path` chooses and that path's forward + backward "
             "multiply-adds relative to the full-rank layer:", "",
             harness.markdown_table(["layer", "m×n", "T (rows)", "full-rank MMAC"] + [f"f={f}: r, path, cost"
                                                                                     for f in FRACTIONS],
-                                   flop_model.layer_rows(FRACTIONS)), ""]
-    numbers = {"samples": samples, "step_ms": step_ms, "ratio": ratio, "predicted": predicted, "update": update,
-               "memory": mem, "foreign_cores": other.cores}
-    return "\n".join(out), numbers
+                                   layer_rows(numbers["layers"])), ""]
+    return "\n".join(out)
+
+
+def run(workload: Workload, *, repeats: int, steps: int, warmup: int, threads: int,
+        memory: bool = True, device: str = "cpu") -> tuple[str, dict]:
+    """:func:`measure` then :func:`render`: the markdown section and the numbers (for the targets table)."""
+    numbers = measure(workload, repeats=repeats, steps=steps, warmup=warmup, threads=threads, memory=memory,
+                      device=device)
+    return render(numbers), numbers
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from typing import Callable
-from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -32,20 +31,21 @@ def transformer_block(width: int, heads: int, num_classes: int = 10) -> nn.Modul
 class Config:
     """A training configuration: full-rank (``rank_fraction=None``) or the low-rank phase of OIALR.
 
-    ``path`` ``None``: every factored layer takes the path the library chooses (:func:`oialr.layers.base.forward_path`);
-    one of ``oialr.layers.base.PATHS`` forces that path on every factored layer (``"dense"``: rebuild ``W = U Σ Vᵀ``
-    every forward, as the published OIALR code does) by patching ``forward_path`` while the model runs.
+    ``path`` ``None``: every factored layer takes the path the library chooses (:func:`oialr.layers.forward_path`);
+    one of :data:`oialr.layers.PATHS` forces that path on every factored layer (``"dense"``: rebuild ``W = U Σ Vᵀ``
+    every forward, as the published OIALR code does) through :func:`oialr.force_path` while the model runs.
     """
 
     name: str
     rank_fraction: float | None
     path: str | None = None
 
-    def patched(self) -> contextlib.AbstractContextManager:
-        """A context in which the model runs as this config says (nothing patched for ``path=None``)."""
+    def path_context(self) -> contextlib.AbstractContextManager:
+        """A context in which the model runs as this config says: ``oialr.force_path(path)``, or nothing for
+        ``path=None``."""
         if self.path is None:
             return contextlib.nullcontext()
-        return mock.patch("oialr.layers.base.forward_path", return_value=self.path)
+        return oialr.force_path(self.path)
 
 
 FULL_RANK = "full-rank"
@@ -108,7 +108,7 @@ class Trainer:
         self.y = torch.randint(0, workload.num_classes, (workload.batch,), generator=generator).to(device)
 
     def step(self) -> None:
-        with self.config.patched():
+        with self.config.path_context():
             self.optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(self.model(self.x), self.y).backward()
             self.optimizer.step()

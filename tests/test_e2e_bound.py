@@ -28,14 +28,16 @@ def write_run(folder, method, top1, transition, epochs, model="mlp", dataset="mn
 
 
 def test_epoch_ratios_price_warmup_steps_dense_and_the_rest_at_the_logged_ranks(bound, tmp_path):
-    from flops import library_forward_path, training_macs
+    from flops import training_macs
+
+    from oialr.layers import forward_path
     full = write_run(tmp_path / "full", "full-rank", 0.9, None, [{}, {}])
     run = write_run(tmp_path / "oialr", "oialr", 0.85, 4, [{"1": 40, "3": 16}, {"1": 40, "3": 8}])
     results, epochs = bound.load_results(run), bound.load_epochs(run)
     model = bound.flop_model(results)
 
     def layer(m, n, r):
-        return training_macs(8, m, n, r, library_forward_path(8, m, n, r))
+        return training_macs(8, m, n, r, forward_path(8, m, n, r))
 
     head = training_macs(8, 10, 256, 10, "full")
     dense = training_macs(8, 256, 40, 40, "full") + training_macs(8, 256, 256, 256, "full") + head
