@@ -24,22 +24,22 @@ How to read these tables:
   load from another process moves single rounds, not the ratio. `OIALR.step()` is not called in the timed steps.
 - **Configs**: `f=x` is the low-rank phase of OIALR converted with `OIALRConfig(warmup_steps=0, cutoff=0.0,
   rank_fraction=x)`: every converted layer has rank `ceil(x·min(m, n))`, the output layer stays dense, and each
-  factored layer takes the path `oialr.layers.base.forward_path` chooses by forward + backward multiply-adds:
+  factored layer takes the path `oialr.layers.forward_path` chooses by forward + backward multiply-adds:
   *chain* (`h = x V`, `h Σᵀ`, `h Uᵀ`; for a conv: conv with the `Vᵀ` kernels, 1×1 conv `Σ`, 1×1 conv `U`),
   *merged* (`x (ΣVᵀ)ᵀ`, then `Uᵀ`) or *dense* (rebuild `W = UΣVᵀ`, then the dense op). `dense rebuild f=0.25` forces
-  the path of the published OIALR code on every factored layer (`unittest.mock.patch(
-  "oialr.layers.base.forward_path", return_value="dense")` while the model runs).
+  the path of the published OIALR code on every factored layer (`with oialr.force_path("dense"):` while the model
+  runs).
 - **Predicted ratio** comes from the multiply-add model in `benchmarks/flops.py`: per layer the cost of the path the
-  library's own `forward_path` picks (a reference taken before any patching), forward + backward, plus the attention
-  products; norms, activations, softmax and the optimizer are not counted. Where the measured ratio is above the
-  predicted one, the uncounted work (which does not shrink with the rank) is the floor.
+  library's own `forward_path` picks, forward + backward, plus the attention products; norms, activations, softmax and
+  the optimizer are not counted. Where the measured ratio is above the predicted one, the uncounted work (which does
+  not shrink with the rank) is the floor.
 - **Memory**: one fresh process per config, started with glibc's `MALLOC_MMAP_THRESHOLD_=65536` (freed tensors go back
   to the OS at once). After one warm-up step (it creates the AdamW state) and `zero_grad(set_to_none=True)`, the
   kernel's peak-RSS mark is reset (`/proc/self/clear_refs`) and two steps run; "peak RSS increase" is `VmHWM` minus the
   RSS before them (gradients, activations, temporaries). **peak** = that + the bytes of all parameters (frozen `U`,
   `V` included) + the AdamW state. "saved activations" are the distinct storages autograd saves in one forward
   (`saved_tensors_hooks`, parameters excluded).
-- **Basis update**: median time of `ctl._update_bases()` (SVD of every Σ in float64, rotation of the factors and of
+- **Basis update**: median time of `ctl.update_bases()` (SVD of every Σ in float64, rotation of the factors and of
   the AdamW moments) after the timed steps; share = time / (`update_every` × step time of the same config).
 """
 
@@ -128,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     where = []
     if not args.no_profile:
         print(f"[{time.perf_counter() - start:6.0f}s] profiles", flush=True)
-        profile, _ = breakdown.step_profile_section(WORKLOADS["vit"], [FULL_RANK, "f=0.25", "f=0.1"])
-        updates, _ = breakdown.update_section([("vit", "f=1.0"), ("vit", "f=0.25"), ("block1024", "f=1.0")])
-        where = ["## Where the time goes", "", profile, updates, breakdown.saved_section(),
+        profiles = breakdown.step_profiles(WORKLOADS["vit"], [FULL_RANK, "f=0.25", "f=0.1"])
+        updates = breakdown.update_breakdowns([("vit", "f=1.0"), ("vit", "f=0.25"), ("block1024", "f=1.0")])
+        where = ["## Where the time goes", "", breakdown.profile_text(WORKLOADS["vit"], profiles),
+                 breakdown.update_text(updates), breakdown.saved_text(breakdown.saved_cases()),
                  activation_memory(numbers)]
     if not args.no_compile:
         print(f"[{time.perf_counter() - start:6.0f}s] torch.compile", flush=True)
