@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up .venv/ at the repository root: torch 2.14.1 + torchvision 0.29.1, timm, oialr (editable, all extras),
-# and, when running as root on Debian, the Fashion-MNIST package. Safe to re-run: finished steps are skipped.
+# Set up .venv/ at the repository root: torch 2.14.1 + torchvision 0.29.1, timm, transformers, galore-torch, oialr
+# (editable, all extras), and, when running as root on Debian, the data packages dataset-fashion-mnist and fortunes
+# (the text corpus). Safe to re-run: finished steps are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,18 +18,20 @@ stamp=".venv/.setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-
 if [ ! -f "$stamp" ]; then
     echo "setup: installing torch, torchvision and oialr into .venv/ (a few minutes the first time)"
     pip_install torch==2.14.1 torchvision==0.29.1
-    pip_install -e ".[cli,vision,dev]"
+    pip_install -e ".[cli,vision,lm,dev]"
     rm -f .venv/.setup-*
     touch "$stamp"
 fi
 
-fmnist=/usr/share/datasets/fashion-mnist
-if [ ! -d "$fmnist" ] && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
-    echo "setup: installing the Debian package dataset-fashion-mnist"
-    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; } \
+missing=()                                               # Debian data packages: Fashion-MNIST, the text corpus
+[ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
+[ -d /usr/share/games/fortunes ] || missing+=(fortunes)
+if [ "${#missing[@]}" -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    echo "setup: installing the Debian package(s) ${missing[*]}"
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } \
         > /tmp/oialr-apt.log 2>&1; then
-        echo "setup: warning: could not install dataset-fashion-mnist (see /tmp/oialr-apt.log);" \
-             "Fashion-MNIST runs will need --data-dir" >&2
+        echo "setup: warning: could not install ${missing[*]} (see /tmp/oialr-apt.log);" \
+             "Fashion-MNIST or text runs will need --data-dir" >&2
     fi
 fi
 echo "setup: ready ($(.venv/bin/python -c 'import torch, oialr; print("torch", torch.__version__, "oialr", oialr.__version__)'))"

@@ -14,19 +14,33 @@ def load_results(run_dir: str) -> dict:
     try:
         with open(path) as f:
             return json.load(f)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise ConfigError(f"{path} does not exist: is {run_dir} a finished run?") from None
+    except OSError as err:
+        raise ConfigError(f"cannot read {path} ({err.strerror})") from None
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path} is not valid JSON ({err})") from None
 
 
+def _is_text(results: dict) -> bool:
+    return results.get("val_bpb") is not None
+
+
+def _rate(value: float | None) -> str:
+    return "—" if value is None else f"{value:,.0f}"
+
+
 def compare_table(run_dirs: list[str]) -> str:
-    """One row per run: top-1, best top-1, trainable and stored parameters (% of dense), time, peak memory."""
+    """One row per run: top-1, best top-1, trainable and stored parameters (% of dense), time, peak memory; for
+    text runs validation bits per byte and tokens per second of each phase instead of top-1
+    (:func:`text_compare_table`)."""
+    results = [load_results(d) for d in run_dirs]
+    if any(_is_text(r) for r in results):
+        return text_compare_table(run_dirs, results)
     header = ("run", "method", "model", "top1", "best top1", "trainable %", "stored %", "switched at step",
               "train s", "peak MB")
     rows = []
-    for run_dir in run_dirs:
-        r = load_results(run_dir)
+    for run_dir, r in zip(run_dirs, results):
         dense = r["dense_params"]
         rows.append((os.path.basename(os.path.normpath(run_dir)), r["method"], r["model"], f"{r['top1']:.4f}",
                      f"{r['best_top1']:.4f}", f"{100 * r['trainable_params'] / dense:.1f}",
@@ -34,6 +48,25 @@ def compare_table(run_dirs: list[str]) -> str:
                      "—" if r.get("transition_step") is None else str(r["transition_step"]),
                      f"{r['train_seconds']:.1f}",
                      f"{r['peak_rss_mb']:.0f}"))
+    return _markdown(header, rows)
+
+
+def text_compare_table(run_dirs: list[str], results: list[dict]) -> str:
+    """One row per text run: val bits per byte (final, best), val loss, trainable and stored parameters (% of
+    dense), optimizer state (% of dense), switch step, tokens/s in the full-rank and low-rank phases, time, memory."""
+    header = ("run", "method", "val bpb", "best val bpb", "val loss", "trainable %", "stored %", "opt. state %",
+              "switched at step", "tok/s full-rank", "tok/s low-rank", "train s", "peak MB")
+    rows = []
+    for run_dir, r in zip(run_dirs, results):
+        dense = r["dense_params"]
+        state = r.get("optimizer_state_params")
+        rows.append((os.path.basename(os.path.normpath(run_dir)), r["method"],
+                     *(f"{r[k]:.4f}" if r.get(k) is not None else "—" for k in ("val_bpb", "best_val_bpb", "val_loss")),
+                     f"{100 * r['trainable_params'] / dense:.1f}", f"{100 * r['stored_params'] / dense:.1f}",
+                     "—" if state is None else f"{100 * state / dense:.1f}",
+                     "—" if r.get("transition_step") is None else str(r["transition_step"]),
+                     _rate(r.get("tokens_per_second_full_rank")), _rate(r.get("tokens_per_second_low_rank")),
+                     f"{r['train_seconds']:.1f}", f"{r['peak_rss_mb']:.0f}"))
     return _markdown(header, rows)
 
 
@@ -58,22 +91,33 @@ def epoch_table(run_dirs: list[str], key: str = "test_top1") -> str:
 
 
 def aggregate_table(groups: dict[str, list[str]]) -> str:
-    """One row per group of runs (e.g. seeds): mean ± std of top-1, trainable %, stored %, time, peak memory (the
-    value alone for a group of one run)."""
-    header = ("runs", "n", "top1", "trainable %", "stored %", "train s", "peak MB")
+    """One row per group of runs (e.g. seeds): mean ± std of top-1 (text: val bits per byte, and tokens/s per
+    phase), trainable %, stored %, time, peak memory (the value alone for a group of one run)."""
+    loaded = {name: [load_results(d) for d in run_dirs] for name, run_dirs in groups.items()}
+    text = any(_is_text(r) for results in loaded.values() for r in results)
+    if text:
+        header = ("runs", "n", "val bpb", "trainable %", "stored %", "tok/s full-rank", "tok/s low-rank", "train s",
+                  "peak MB")
+    else:
+        header = ("runs", "n", "top1", "trainable %", "stored %", "train s", "peak MB")
     rows = []
-    for name, run_dirs in groups.items():
-        results = [load_results(d) for d in run_dirs]
-
-        def stat(values: list[float], fmt: str) -> str:
+    for name, results in loaded.items():
+        def stat(values: list[float | None], fmt: str) -> str:
+            values = [v for v in values if v is not None]
+            if not values:
+                return "—"
             if len(values) == 1:
                 return f"{values[0]:{fmt}}"
             return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt}}"
 
-        rows.append((name, str(len(results)),
-                     stat([100 * r["top1"] for r in results], ".2f"),
+        score = stat([r.get("val_bpb") for r in results], ".4f") if text else \
+            stat([100 * r["top1"] for r in results], ".2f")
+        rates = (stat([r.get("tokens_per_second_full_rank") for r in results], ",.0f"),
+                 stat([r.get("tokens_per_second_low_rank") for r in results], ",.0f")) if text else ()
+        rows.append((name, str(len(results)), score,
                      stat([100 * r["trainable_params"] / r["dense_params"] for r in results], ".1f"),
                      stat([100 * r["stored_params"] / r["dense_params"] for r in results], ".1f"),
+                     *rates,
                      stat([r["train_seconds"] for r in results], ".0f"),
                      stat([r["peak_rss_mb"] for r in results], ".0f")))
     return _markdown(header, rows)

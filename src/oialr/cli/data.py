@@ -1,4 +1,5 @@
-"""In-memory datasets (MNIST-1D, Fashion-MNIST) and a fast, deterministic, shardable minibatch loader."""
+"""In-memory datasets (MNIST-1D, Fashion-MNIST; text in ``text_data``) and a fast, deterministic, shardable
+minibatch loader."""
 from __future__ import annotations
 
 import gzip
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-DATASET_NAMES = ("mnist1d", "fashion-mnist")
+DATASET_NAMES = ("mnist1d", "fashion-mnist", "text")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"     # Debian package dataset-fashion-mnist
 FASHION_MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                        "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -58,12 +59,17 @@ class InMemoryDataset:
         return -self.mean / self.std
 
 
-def load_dataset(name: str, data_dir: str | None = None, seed: int = 42) -> InMemoryDataset:
-    """Load ``name`` (one of ``DATASET_NAMES``) into memory.
+def load_dataset(name: str, data_dir: str | None = None, seed: int = 42, context_length: int = 256):
+    """Load ``name`` (one of ``DATASET_NAMES``) into memory: an :class:`InMemoryDataset`, or for ``text`` a
+    :class:`oialr.cli.text_data.TextDataset` of byte tokens with windows of ``context_length``.
 
     ``data_dir``: for Fashion-MNIST the folder with the IDX files (default ``FASHION_MNIST_DIR``); for MNIST-1D an
-    optional cache folder. ``seed`` is the MNIST-1D generation seed (Fashion-MNIST is fixed data and ignores it).
+    optional cache folder; for text a text file or a folder of them (default: Debian's fortunes). ``seed`` is the
+    MNIST-1D generation seed (the other datasets are fixed data and ignore it).
     """
+    if name == "text":
+        from .text_data import load_text
+        return load_text(data_dir, context_length)
     if name == "mnist1d":
         return load_mnist1d(data_dir, seed)
     if name == "fashion-mnist":

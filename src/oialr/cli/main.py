@@ -10,14 +10,16 @@ from .settings import DATASETS, METHODS, MODELS, ConfigError, build_config, load
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="train a model (full-rank or OIALR) on MNIST-1D or Fashion-MNIST",
+    p = sub.add_parser("train", help="train a model (full-rank, OIALR or a peer method) on MNIST-1D, "
+                                     "Fashion-MNIST or text",
                        description="Train a model; with no options: the embedded default (MNIST-1D, small CNN, "
                                    "OIALR, 30 epochs, about a minute on 2 CPU cores). Data-parallel on N "
                                    "processes: torchrun --nproc-per-node N -m oialr train ... (--batch-size "
                                    "stays the global batch).")
     p.add_argument("--config", metavar="FILE.yaml", help="settings file (see configs/)")
     p.add_argument("--dataset", choices=DATASETS)
-    p.add_argument("--data-dir", help="folder with the dataset files (Fashion-MNIST: the IDX files)")
+    p.add_argument("--data-dir", help="the dataset's files: Fashion-MNIST's IDX files, or for text a text file "
+                                       "or a folder of them (default: Debian's fortunes)")
     p.add_argument("--model", choices=MODELS)
     p.add_argument("--method", choices=METHODS)
     p.add_argument("--epochs", type=int)
@@ -69,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from ..distributed import process_group_from_env
+    from .reporting import done_message
     from .run import Interrupted, exit_code, start_or_resume
 
     flags = {"dataset": args.dataset, "data_dir": args.data_dir, "model": args.model, "method": args.method,
@@ -84,9 +87,7 @@ def _train(args: argparse.Namespace) -> int:
         except Interrupted as err:
             run.log(f"oialr: {err}", file=sys.stderr)
             return exit_code(err)
-    run.log(f"done: top1 {results['top1']:.4f} (best {results['best_top1']:.4f}), trainable "
-            f"{results['trainable_params']:,} of {results['dense_params']:,} parameters, "
-            f"{results['train_seconds']:.1f}s; results in {args.out}/results.json")
+    run.log(f"done: {done_message(results)}; results in {args.out}/results.json")
     return 0
 
 

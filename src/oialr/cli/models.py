@@ -1,7 +1,9 @@
-"""The CLI's models: an MLP, a small 1-D/2-D CNN, a mini-ViT and a 28×28 ResNet-18 (timm; never pretrained).
+"""The CLI's models: an MLP, a small 1-D/2-D CNN, a mini-ViT and a 28×28 ResNet-18 (timm), and a byte-level Llama
+language model (Hugging Face transformers, built from a config); never pretrained.
 
-Every model registers its classifier head (an ``nn.Linear``) last among its Linear/Conv layers, so OIALR's rule
-"the output layer is the last eligible layer in registration order" keeps exactly the head dense.
+Every model registers its output layer (the classifier head, Llama's ``lm_head``; an ``nn.Linear``) last among its
+Linear/Conv layers, so OIALR's rule "the output layer is the last eligible layer in registration order" keeps
+exactly that layer dense.
 """
 from __future__ import annotations
 
@@ -9,21 +11,24 @@ import inspect
 
 from torch import Tensor, nn
 
-MODEL_NAMES = ("mlp", "cnn", "vit", "resnet18")
+MODEL_NAMES = ("mlp", "cnn", "vit", "resnet18", "llama")
 
 
 def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwargs) -> nn.Module:
     """Build model ``name`` (one of ``MODEL_NAMES``) for samples of ``input_shape`` and ``num_classes`` outputs.
 
-    ``input_shape`` is one sample without the batch: ``(C, L)`` for signals, ``(C, H, W)`` for images. ``kwargs``
-    are the chosen builder's options (``mlp``, ``cnn``, ``vit``, ``resnet18`` below); an unknown one is an error.
+    ``input_shape`` is one sample without the batch: ``(C, L)`` for signals, ``(C, H, W)`` for images, ``(T,)``
+    (the context length) for text, whose ``num_classes`` is the vocabulary. ``kwargs`` are the chosen builder's
+    options (``mlp``, ``cnn``, ``vit``, ``resnet18``, ``llama`` below); an unknown one is an error.
     """
-    builders = {"mlp": mlp, "cnn": cnn, "vit": vit, "resnet18": resnet18}
+    builders = {"mlp": mlp, "cnn": cnn, "vit": vit, "resnet18": resnet18, "llama": llama}
     if name not in builders:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
     input_shape = tuple(int(d) for d in input_shape)
-    if len(input_shape) not in (2, 3) or min(input_shape) < 1:
-        raise ValueError(f"input_shape must be (C, L) or (C, H, W) with positive sizes, got {input_shape}")
+    dims = (1,) if name == "llama" else (2, 3)
+    if len(input_shape) not in dims or min(input_shape) < 1:
+        expected = "(T,) for text" if name == "llama" else "(C, L) or (C, H, W)"
+        raise ValueError(f"input_shape must be {expected} with positive sizes, got {input_shape}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     builder = builders[name]
@@ -124,6 +129,55 @@ def resnet18(input_shape: tuple[int, ...], num_classes: int, small_stem: bool = 
         model.conv1 = nn.Conv2d(input_shape[0], model.conv1.out_channels, 3, stride=1, padding=1, bias=False)
         model.maxpool = nn.Identity()
     return model
+
+
+class CausalLM(nn.Module):
+    """``(B, T)`` int64 token ids -> ``(B, T, V)`` next-token logits of a Hugging Face causal LM (``self.lm``)."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lm(input_ids=x, use_cache=False).logits
+
+
+def llama(input_shape: tuple[int, ...], num_classes: int, hidden_size: int = 384, num_hidden_layers: int = 4,
+          num_attention_heads: int = 6, num_key_value_heads: int | None = None, intermediate_size: int = 1024,
+          tie_word_embeddings: bool = False, initializer_range: float = 0.02) -> nn.Module:
+    """Decoder-only Llama (``transformers.LlamaForCausalLM`` from a ``LlamaConfig``, random init) for token windows
+    ``(T,)``: vocabulary ``num_classes`` (256 bytes), context ``T``, RMSNorm, rotary positions, SwiGLU MLP.
+
+    Per block: attention ``q/k/v/o_proj`` (``d×d``; k/v ``d·kv/heads × d`` with fewer key-value heads) and MLP
+    ``gate/up_proj (f×d)``, ``down_proj (d×f)``: the layers OIALR and the low-rank peers factor. The embedding and
+    ``lm_head (V×d)`` stay dense (an ``nn.Embedding`` is no eligible layer; ``lm_head`` is the output layer). The
+    default, width 384, 4 blocks, 6 heads, MLP 1024 (7.28M parameters), is ``configs/lm_llama.yaml``'s (measured
+    step time there).
+    """
+    hidden_size, layers, heads = int(hidden_size), int(num_hidden_layers), int(num_attention_heads)
+    kv_heads = heads if num_key_value_heads is None else int(num_key_value_heads)
+    if min(hidden_size, layers, heads, kv_heads, int(intermediate_size)) < 1:
+        raise ValueError("llama sizes must be >= 1, got hidden_size={}, num_hidden_layers={}, num_attention_heads={}, "
+                         "num_key_value_heads={}, intermediate_size={}".format(hidden_size, layers, heads, kv_heads,
+                                                                               intermediate_size))
+    if hidden_size % heads or heads % kv_heads:
+        raise ValueError(f"llama: hidden_size={hidden_size} must be divisible by num_attention_heads={heads}, and "
+                         f"that by num_key_value_heads={kv_heads}")
+    transformers = _transformers()
+    config = transformers.LlamaConfig(
+        vocab_size=num_classes, max_position_embeddings=input_shape[0], hidden_size=hidden_size,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        intermediate_size=int(intermediate_size), tie_word_embeddings=bool(tie_word_embeddings),
+        initializer_range=float(initializer_range), use_cache=False)
+    return CausalLM(transformers.LlamaForCausalLM(config))
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise ImportError(f"the llama model needs transformers ({exc}): pip install 'oialr[lm]'") from None
+    return transformers
 
 
 def _need_images(name: str, input_shape: tuple[int, ...]) -> None:

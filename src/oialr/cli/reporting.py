@@ -23,6 +23,28 @@ def param_stats(model: nn.Module, summary: dict | None, dense_params: int) -> di
     }
 
 
+def optimizer_state_params(optimizer: torch.optim.Optimizer) -> int:
+    """Numbers the optimizer keeps besides the weights: its state tensors (not the 0-d step counters) and the
+    matrices of state objects that hold one (GaLore's projectors, ``ortho_matrix``)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            value = getattr(value, "ortho_matrix", value)
+            for t in value if isinstance(value, list) else [value]:
+                total += t.numel() if isinstance(t, torch.Tensor) and t.dim() > 0 else 0
+    return total
+
+
+def done_message(results: dict) -> str:
+    """The closing line of ``oialr train``: the headline metric, parameters and time."""
+    if results.get("val_bpb") is not None:
+        score = f"val bpb {results['val_bpb']:.4f} (best {results['best_val_bpb']:.4f})"
+    else:
+        score = f"top1 {results['top1']:.4f} (best {results['best_top1']:.4f})"
+    return (f"{score}, trainable {results['trainable_params']:,} of {results['dense_params']:,} parameters, "
+            f"{results['train_seconds']:.1f}s")
+
+
 def progress(loader, desc: str, enabled: bool):
     """``loader`` wrapped in a tqdm progress bar with ETA (on a terminal, when tqdm is installed)."""
     try:
@@ -35,9 +57,11 @@ def progress(loader, desc: str, enabled: bool):
 class RunFiles:
     """The files of one run folder; every write is atomic (:mod:`oialr.files`)."""
 
-    def __init__(self, out: str, first_epoch: int):
+    def __init__(self, out: str, x_key: str = "epoch", first: int = 0):
+        """``x_key``: the metrics key TensorBoard plots against (``epoch``, or ``step`` for text); ``first``: its
+        value where this start of the run begins (later events of an interrupted run are purged)."""
         self.out = out
-        self._first_epoch = first_epoch
+        self._x_key, self._first = x_key, first
         self._writer: Any = None
 
     def path(self, name: str) -> str:
@@ -59,10 +83,12 @@ class RunFiles:
             except ImportError:
                 self._writer = False
                 return
-            self._writer = SummaryWriter(self.path("tensorboard"), purge_step=self._first_epoch)
+            self._writer = SummaryWriter(self.path("tensorboard"), purge_step=self._first)
         if self._writer:
-            for key in ("train_loss", "train_top1", "test_loss", "test_top1", "lr", "trainable_fraction"):
-                self._writer.add_scalar(key, row[key], row["epoch"])
+            for key in ("train_loss", "train_top1", "test_loss", "test_top1", "val_loss", "val_bpb", "lr",
+                        "trainable_fraction"):
+                if key in row:
+                    self._writer.add_scalar(key, row[key], row[self._x_key])
             self._writer.flush()
 
     def final(self, results: dict, metrics: list[dict], model: nn.Module, compact: nn.Module,

@@ -1,5 +1,5 @@
-"""TrainingRun: one training run (full-rank or OIALR) from setup to results, with exact, crash-safe resume;
-single-process or one process of a ``torchrun`` job (``docs/DISTRIBUTED.md``)."""
+"""TrainingRun: one training run (full-rank, OIALR or a peer method) from setup to results, with exact, crash-safe
+resume; single-process or one process of a ``torchrun`` job (``docs/DISTRIBUTED.md``)."""
 from __future__ import annotations
 
 import copy
@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 from .. import OIALR, StabilityTracker, compact_lowrank, distributed, files
+from . import tasks
 from .settings import ConfigError, TrainConfig, build_config
-from .data import Loader, load_dataset
+from .data import load_dataset
+from .methods import build_optimizer, peer_controller
 from .models import build_model
-from .reporting import RunFiles, param_stats, progress
+from .reporting import RunFiles, optimizer_state_params, param_stats, progress
 
 CHECKPOINT = "checkpoint.pt"
 STOP_POLL_EVERY = 10    # distributed: all-reduce the stop flag every this many steps (each poll syncs the device)
@@ -42,10 +44,12 @@ class Interrupted(Exception):
 
 
 class TrainingRun:
-    """Set up data, model, optimizer and (for ``method: oialr``) the controller; train; write results to ``out``.
+    """Set up data, model, optimizer and the method's controller (OIALR, or a peer's from ``methods``); train;
+    write results to ``out``.
 
-    Files in ``out``: ``checkpoint.pt`` (every epoch and on interrupt), ``metrics.jsonl``/``metrics.csv`` (one row
-    per epoch), ``results.json`` and the plots (at the end), TensorBoard events when tensorboard is installed.
+    Files in ``out``: ``checkpoint.pt`` (every epoch, every ``eval_every`` steps and on interrupt),
+    ``metrics.jsonl``/``metrics.csv`` (one row per evaluation: every epoch, and every ``eval_every`` steps),
+    ``results.json`` and the plots (at the end), TensorBoard events when tensorboard is installed.
 
     Under ``torch.distributed`` every process runs this with the same settings: each trains on its shard of every
     global batch (``batch_size / world_size`` samples) through DDP, sums of metrics are all-reduced, and rank 0
@@ -60,6 +64,8 @@ class TrainingRun:
         self.batch_in_epoch = 0        # batches of the current epoch already trained (resume mid-epoch)
         self.step = 0                  # optimizer steps
         self.train_seconds = 0.0
+        self.phase_seconds = {phase: 0.0 for phase in tasks.PHASES}   # training steps' time and samples (tokens
+        self.phase_samples = {phase: 0 for phase in tasks.PHASES}     # for text) in each phase, all processes
         self.metrics: list[dict] = []
         self._stop_signal: int | None = None
 
@@ -74,17 +80,16 @@ class TrainingRun:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         torch.set_flush_denormal(True)     # denormals in Adam's moments slow CPU training up to tenfold
-        self.data = load_dataset(cfg.dataset, cfg.data_dir)
+        self.data = load_dataset(cfg.dataset, cfg.data_dir, context_length=cfg.context_length)
         self.device = distributed.device()
-        self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes, **cfg.model_args)
+        try:
+            self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes, **cfg.model_args)
+        except ImportError as err:                 # an optional package (timm, transformers) is missing
+            raise ConfigError(str(err)) from None
         self.model.to(self.device)               # the CPU, or this process's GPU under NCCL
         self._reset_sums()
         self.dense_params = sum(p.numel() for p in self.model.parameters())
-        if cfg.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        else:
-            self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                             weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(cfg, self.model)
         wrap = distributed.ddp if self.world_size > 1 else None
         if cfg.compile:
             wrap = _compiled(wrap)
@@ -92,15 +97,13 @@ class TrainingRun:
             self.model, every=cfg.stability_every, cutoff=cfg.oialr.cutoff, mixing=True, lag=cfg.stability_lag)
         auto = cfg.oialr.warmup_steps == "auto"         # its transition reads the run's series when there is one
         self.controller = OIALR(self.model, self.optimizer, cfg.oialr, wrap=wrap,
-                                tracker=self.tracker if auto else None) if cfg.method == "oialr" else None
+                                tracker=self.tracker if auto else None) if cfg.method == "oialr" \
+            else peer_controller(cfg, self.model, self.optimizer, wrap)
         self._net = self.model if wrap is None or self.controller is not None else wrap(self.model)
-        images = len(self.data.input_shape) == 3
-        self.train_loader = Loader(self.data.train.x, self.data.train.y, cfg.batch_size // self.world_size,
-                                   shuffle=True, drop_last=True, augment=cfg.augment and images,
-                                   pad_value=self.data.pad_value, seed=cfg.seed, rank=self.rank,
-                                   world_size=self.world_size)
-        shard = slice(self.rank, None, self.world_size)            # every world_size-th test sample
-        self.test_loader = Loader(self.data.test.x[shard], self.data.test.y[shard], 1000, shuffle=False)
+        self.train_loader, self.test_loader = tasks.make_loaders(self.data, cfg, self.rank, self.world_size)
+        if len(self.train_loader) == 0:
+            raise ConfigError(f"the training split has {self.train_loader.num_samples} samples per process, fewer "
+                              f"than one batch of {cfg.batch_size // self.world_size}; use a smaller batch_size")
         self.total_steps = cfg.epochs * len(self.train_loader)
         self.lr_warmup_steps = round(cfg.lr_warmup_epochs * len(self.train_loader))
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -116,6 +119,7 @@ class TrainingRun:
         return {
             "config": self.cfg.to_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "step": self.step, "train_seconds": self.train_seconds, "metrics": self.metrics,
+            "phase_seconds": self.phase_seconds, "phase_samples": self.phase_samples,
             "epoch_sums": {"loss": float(self._sums["loss"]), "correct": int(self._sums["correct"]),
                            "seen": self._sums["seen"]},
             "controller": None if self.controller is None else self.controller.state_dict(),
@@ -142,19 +146,22 @@ class TrainingRun:
         torch.set_rng_state(state["rng"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
         self.train_seconds, self.metrics = state["train_seconds"], state["metrics"]
+        self.phase_seconds = state.get("phase_seconds", self.phase_seconds)
+        self.phase_samples = state.get("phase_samples", self.phase_samples)
         self._reset_sums(**state.get("epoch_sums", {}))
 
     # ------------------------------------------------------------------ training
     def train(self) -> dict[str, Any]:
         """Train the remaining epochs; returns the results dict (also written to ``out/results.json``)."""
-        self.files = RunFiles(self.out, first_epoch=self.epoch)
+        text = tasks.is_text(self.data)
+        self.files = RunFiles(self.out, x_key="step" if text else "epoch", first=self.step if text else self.epoch)
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.epoch < self.cfg.epochs:
                 self._train_epoch()
                 self.epoch += 1
                 self.batch_in_epoch = 0
-                self._end_of_epoch()
+                self._record()
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -179,6 +186,11 @@ class TrainingRun:
                 continue
             self._train_step(x, y)
             self.batch_in_epoch = i + 1
+            every = self.cfg.eval_every
+            if every is not None and self.step % every == 0 and self.batch_in_epoch < len(self.train_loader):
+                self.train_seconds += time.perf_counter() - start
+                self._record()                     # mid-epoch; the epoch's last batch is recorded after the loop
+                start = time.perf_counter()
             if self.world_size > 1 and self.step % STOP_POLL_EVERY:
                 continue
             signum = int(distributed.all_reduce([self._stop_signal or 0], op="max")[0])   # one stop step for all
@@ -188,13 +200,17 @@ class TrainingRun:
         self.train_seconds += time.perf_counter() - start
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """One optimizer step on ``x``, ``y``: classes ``(B,)`` for ``(B, K)`` logits, or next bytes ``(B, T)``
+        for ``(B, T, V)`` logits (the loss is the mean over all ``B·T`` predictions)."""
+        start = time.perf_counter()
+        phase = self.controller.phase if self.controller is not None else "full-rank"
         lr = learning_rate(self.cfg, self.step, self.total_steps, self.lr_warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         x, y = x.to(self.device), y.to(self.device)
         logits = self.net(x)
-        loss = self.loss_fn(logits, y)
+        loss = self.loss_fn(logits.flatten(0, -2), y.flatten())
         loss.backward()
         if self.cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -204,61 +220,76 @@ class TrainingRun:
         if self.controller is not None:
             self.controller.step()
         self.step += 1
-        self._sums["loss"] += loss.detach() * len(y)        # summed on the device: no sync per step
-        self._sums["correct"] += (logits.argmax(1) == y).sum()
-        self._sums["seen"] += len(y)
+        self._sums["loss"] += loss.detach() * y.numel()        # summed on the device: no sync per step
+        self._sums["correct"] += (logits.argmax(-1) == y).sum()
+        self._sums["seen"] += y.numel()
+        self.phase_seconds[phase] += time.perf_counter() - start      # no device sync: exact on the CPU only
+        self.phase_samples[phase] += y.numel() * self.world_size
 
     def _reset_sums(self, loss: float = 0.0, correct: int = 0, seen: int = 0) -> None:
-        """The current epoch's training loss and correct predictions, summed on the device."""
+        """Training loss and correct predictions since the last metrics row, summed on the device."""
         self._sums = {"loss": torch.tensor(loss, dtype=torch.float64, device=self.device),
                       "correct": torch.tensor(correct, dtype=torch.int64, device=self.device), "seen": seen}
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """Test loss (plain cross-entropy) and top-1 accuracy; advances no schedule. Distributed: each process
-        evaluates its shard with rank 0's buffers (BatchNorm statistics), the sums are all-reduced."""
+        """Test (text: validation) loss, plain cross-entropy per prediction, and top-1 accuracy; advances no
+        schedule. Distributed: each process evaluates its shard with rank 0's buffers (BatchNorm statistics), the
+        sums are all-reduced."""
         distributed.broadcast_(list(self.model.buffers()))
         self.model.eval()
-        loss, correct = 0.0, 0
+        loss, correct, n = 0.0, 0, 0
         for x, y in self.test_loader:
             x, y = x.to(self.device), y.to(self.device)
-            logits = self.model(x)
-            loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
+            logits = self.model(x).flatten(0, -2)
+            loss += nn.functional.cross_entropy(logits, y.flatten(), reduction="sum").item()
+            correct += (logits.argmax(-1) == y.flatten()).sum().item()
+            n += y.numel()
         self.model.train()
-        loss, correct, n = distributed.all_reduce([loss, correct, self.test_loader.num_samples])
+        loss, correct, n = distributed.all_reduce([loss, correct, n])
         return loss / n, correct / n
 
-    def _end_of_epoch(self) -> None:
-        test_loss, top1 = self.evaluate()
+    def _record(self) -> None:
+        """Evaluate, append a metrics row (the training loss since the last row), write the files, checkpoint.
+        ``epoch`` is the number of completed epochs, or a fraction within one (``eval_every``)."""
+        eval_loss, top1 = self.evaluate()
         loss, correct, seen = distributed.all_reduce([float(self._sums["loss"]), int(self._sums["correct"]),
                                                       self._sums["seen"]])
+        self._reset_sums()
         seen = max(seen, 1)
-        row = {"epoch": self.epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+        epoch = self.epoch if self.batch_in_epoch == 0 else round(
+            self.epoch + self.batch_in_epoch / len(self.train_loader), 4)
+        row = {"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                "train_loss": loss / seen, "train_top1": correct / seen,
-               "test_loss": test_loss, "test_top1": top1, "train_seconds": self.train_seconds,
+               **tasks.eval_row(self.data, eval_loss, top1), "train_seconds": self.train_seconds,
+               **(tasks.throughput(self.phase_seconds, self.phase_samples) if tasks.is_text(self.data) else {}),
                **param_stats(self.model, self.controller and self.controller.summary(), self.dense_params)}
         self.metrics.append(row)
         if self.rank == 0:
             self.files.end_of_epoch(self.metrics, self.tracker)
         self.save_checkpoint()
-        self.log(f"epoch {self.epoch:3d}/{self.cfg.epochs}  loss {row['train_loss']:.4f}  test top1 {top1:.4f}  "
-                 f"trainable {row['trainable_fraction']:.1%}  phase {row['phase']}  {self.train_seconds:.0f}s")
+        where = f"epoch {epoch:3d}/{self.cfg.epochs}" if isinstance(epoch, int) else f"epoch {epoch:.2f}"
+        score = f"val bpb {row['val_bpb']:.4f}" if "val_bpb" in row else f"test top1 {top1:.4f}"
+        self.log(f"{where}  loss {row['train_loss']:.4f}  {score}  trainable {row['trainable_fraction']:.1%}  "
+                 f"phase {row['phase']}  {self.train_seconds:.0f}s")
 
     # ------------------------------------------------------------------ results
     def results(self) -> dict[str, Any]:
         final = self.metrics[-1] if self.metrics else {}
         summary = self.controller.summary() if self.controller is not None else None
         compact = compact_lowrank(copy.deepcopy(self.model)).eval()
+        text = tasks.is_text(self.data)
         results = {
-            "top1": final.get("test_top1"),
-            "best_top1": max((m["test_top1"] for m in self.metrics), default=None),
+            **tasks.headline(self.data, self.metrics),
             "method": self.cfg.method, "dataset": self.cfg.dataset, "model": self.cfg.model,
             "epochs": self.epoch, "steps": self.step,
             "trainable_params": final.get("trainable_params"), "dense_params": self.dense_params,
             "stored_params": final.get("stored_params"),
             "compact_params": sum(p.numel() for p in compact.parameters()),
             "train_seconds": self.train_seconds,
+            **(tasks.throughput(self.phase_seconds, self.phase_samples) if text else {}),
+            **({"optimizer_state_params": optimizer_state_params(self.optimizer), "data": self.data.info()}
+               if text else {}),
             "peak_rss_mb": distributed.all_reduce(      # the largest process
                 [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], op="max")[0],
             "world_size": self.world_size,

@@ -8,11 +8,13 @@ from typing import Any
 
 from .._checks import Errors, is_int, is_real
 from ..auto_transition import AutoTransition
+from ..baselines import GALORE_PROJ_TYPES
+from ..baselines.ranks import check_rank_spec
 from ..config import OIALRConfig
 
-DATASETS = ("mnist1d", "fashion-mnist")
-MODELS = ("mlp", "cnn", "vit", "resnet18")
-METHODS = ("full-rank", "oialr")
+DATASETS = ("mnist1d", "fashion-mnist", "text")
+MODELS = ("mlp", "cnn", "vit", "resnet18", "llama")
+METHODS = ("full-rank", "oialr", "factorized", "svd-finetune", "galore")
 OPTIMIZERS = ("adamw", "sgd")
 
 
@@ -24,9 +26,18 @@ class ConfigError(ValueError):
 class TrainConfig:
     """A training run. Step counts (``oialr.*``) are optimizer steps; the learning-rate warm-up is in epochs.
 
-    dataset, data_dir: ``mnist1d`` (generated) or ``fashion-mnist`` (IDX files in ``data_dir``; default: the
-        Debian package's folder). model: ``mlp``, ``cnn``, ``vit`` (images only), ``resnet18`` (images only);
-        ``model_args`` are passed to the model builder (e.g. ``{depth: 4}``). method: ``full-rank`` or ``oialr``.
+    dataset, data_dir: ``mnist1d`` (generated), ``fashion-mnist`` (IDX files in ``data_dir``; default: the
+        Debian package's folder) or ``text`` (bytes of a text file or a folder of them in ``data_dir``; default:
+        Debian's fortunes; windows of ``context_length`` bytes). model: ``mlp``, ``cnn``, ``vit`` (images only),
+        ``resnet18`` (images only), ``llama`` (text only); ``model_args`` are passed to the model builder (e.g.
+        ``{depth: 4}``). method: ``full-rank``, ``oialr``, or a peer (``oialr.baselines``): ``factorized`` (two
+        trained factors from step 0), ``svd-finetune`` (full-rank for ``oialr.warmup_steps`` steps, then two
+        trained factors), ``galore`` (gradient projected to rank ``rank`` for AdamW's moments).
+    rank: the peers' rank per layer: a fraction of its full rank in (0, 1], an integer, or the path of a finished
+        OIALR run's results.json (its final ranks). galore_update_proj_gap, galore_scale, galore_proj_type: GaLore's
+        projector refresh interval (steps), update scale and projection side.
+    eval_every: also evaluate (and write a metrics row and a checkpoint) every this many steps within an epoch;
+        ``null`` = at the end of each epoch only. For text, one epoch is one pass over the training bytes.
     epochs, batch_size, seed: the usual. augment: random crop + flip for images (never for MNIST-1D).
     optimizer: ``adamw`` or ``sgd`` (with ``momentum``); lr, weight_decay; learning rate: linear warm-up over
         ``lr_warmup_epochs``, then cosine to 0. label_smoothing; grad_clip: max gradient norm (``null`` = off).
@@ -58,6 +69,12 @@ class TrainConfig:
     compile: bool = False
     stability_every: int | None = None
     stability_lag: int = 1
+    context_length: int = 256
+    eval_every: int | None = None
+    rank: float | int | str = 0.25
+    galore_update_proj_gap: int = 200
+    galore_scale: float = 0.25
+    galore_proj_type: str = "std"
     oialr: OIALRConfig = field(default_factory=lambda: OIALRConfig(warmup_steps=300, update_every=60, cutoff=0.1))
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,6 +106,22 @@ def _errors(cfg: TrainConfig) -> list[str]:
     check(cfg.optimizer in OPTIMIZERS, f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg.optimizer!r}")
     check(not (cfg.dataset == "mnist1d" and cfg.model in ("vit", "resnet18")),
           f"model {cfg.model!r} needs images; use --dataset fashion-mnist or --model mlp/cnn")
+    check((cfg.dataset == "text") == (cfg.model == "llama"),
+          f"dataset 'text' and model 'llama' go together, got dataset {cfg.dataset!r} with model {cfg.model!r}")
+    positive_int("context_length")
+    check(cfg.eval_every is None or (is_int(cfg.eval_every) and cfg.eval_every >= 1),
+          f"eval_every must be an integer >= 1 or null, got {cfg.eval_every!r}")
+    rank_problem = check_rank_spec(cfg.rank)
+    check(rank_problem is None, str(rank_problem))
+    positive_int("galore_update_proj_gap")
+    number("galore_scale", 0, low_open=True)
+    check(cfg.galore_proj_type in GALORE_PROJ_TYPES,
+          f"galore_proj_type must be one of {', '.join(GALORE_PROJ_TYPES)}, got {cfg.galore_proj_type!r}")
+    check(cfg.method != "galore" or cfg.optimizer == "adamw",
+          f"method 'galore' is an AdamW (GaLoreAdamW); set optimizer: adamw, got {cfg.optimizer!r}")
+    check(cfg.method != "svd-finetune" or is_int(cfg.oialr.warmup_steps),
+          f"method 'svd-finetune' truncates after oialr.warmup_steps full-rank steps, which must be an integer, got "
+          f"{cfg.oialr.warmup_steps!r}")
     check(cfg.data_dir is None or isinstance(cfg.data_dir, str), f"data_dir must be a path, got {cfg.data_dir!r}")
     check(isinstance(cfg.model_args, dict), f"model_args must be a mapping, got {cfg.model_args!r}")
     for name in ("epochs", "batch_size"):
