@@ -229,3 +229,16 @@ def test_aggregate_table_gives_mean_and_std_over_seeds(tmp_path):
     rows = aggregate_table({"three": dirs, "one": dirs[:1]}).splitlines()
     assert rows[2] == "| three | 3 | 82.00 ± 2.00 | 21.0 ± 1.0 | 150.0 ± 0.0 | 20 ± 10 | 500 ± 0 |"
     assert rows[3] == "| one | 1 | 80.00 | 20.0 | 150.0 | 10 | 500 |"
+
+
+def test_automatic_transition_reads_the_runs_stability_series(data_dir, tmp_path):
+    auto = {"warmup_steps": "auto", "update_every": 7, "cutoff": 0.2,
+            "auto": {"every": 5, "min_steps": 5, "max_steps": 10}}
+    run = cli_run.start_or_resume(tiny(data_dir, epochs=1, stability_every=5, oialr=auto), str(tmp_path / "a"),
+                                  False, log=lambda *a: None)
+    assert run.controller.tracker is run.tracker                   # one tracker measures the layers, not two
+    run.train()
+    assert run.controller.transition_step is not None and run.controller.transition_step % 5 == 0
+    with pytest.raises(ConfigError, match=r"stability_every/stability_lag \(4/1\) must equal oialr.auto.every/lag "
+                                          r"\(5/1\)"):
+        tiny(data_dir, stability_every=4, oialr=auto)

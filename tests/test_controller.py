@@ -1,3 +1,4 @@
+import inspect
 import io
 
 import pytest
@@ -464,3 +465,46 @@ def test_fixed_warmup_reason_and_auto_mismatch_error():
     auto = OIALR(other, torch.optim.SGD(other.parameters(), lr=0.1), OIALRConfig(warmup_steps="auto"))
     with pytest.raises(ValueError, match="disagree on warmup_steps='auto'"):
         auto.load_state_dict(ctl.state_dict())
+
+
+# ---------------------------------------------------------------------------------------- seams
+def test_warnings_point_at_the_callers_line():
+    model = mlp()
+    ctl = OIALR(model, torch.optim.Adagrad(model.parameters(), lr=0.1), OIALRConfig(warmup_steps=1))
+    line = inspect.currentframe().f_lineno + 2
+    with pytest.warns(UserWarning, match="does not know how to carry Adagrad") as caught:
+        ctl.step()                                      # the transition, inside torch.no_grad
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+    with torch.no_grad():
+        model[0].lowrank_S.fill_(float("nan"))
+    line = inspect.currentframe().f_lineno + 2
+    with pytest.warns(UserWarning, match="Σ of layer '0' has non-finite entries") as caught:
+        ctl.update_bases()
+    assert (caught[0].filename, caught[0].lineno) == (__file__, line)
+
+
+def test_a_tracker_the_caller_steps_drives_the_automatic_transition():
+    knobs = dict(threshold=-0.99, window=2, epsilon=2.0, min_steps=12)
+    _, alone, _ = _auto_run(30, **knobs)
+    torch.manual_seed(2)
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    tracker = oialr.StabilityTracker(model, every=5, mixing=True)          # every layer, output layer included
+    ctl = OIALR(model, opt, OIALRConfig(warmup_steps="auto", update_every=4, auto={"every": 5, **knobs}),
+                tracker=tracker)
+    for x, y in batches((16, 16), 4, 30, seed=5):
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        tracker.step()
+        ctl.step()
+    assert ctl.transition_step == alone.transition_step == 15 and ctl.tracker is None
+    assert len(tracker.records) == 6 and "4" in tracker.records[-1]["layers"]    # it went on for the whole run
+    assert ctl.state_dict()["tracker"] is None                                   # its owner saves it
+    fresh = mlp()
+    with pytest.raises(ValueError, match="must sample every 5 steps at lag 1.*samples every 3 at lag 1"):
+        OIALR(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), OIALRConfig(warmup_steps="auto", auto={"every": 5}),
+              tracker=oialr.StabilityTracker(fresh, every=3))
+    with pytest.raises(ValueError, match="tracker is read only with warmup_steps=\"auto\""):
+        OIALR(fresh, torch.optim.SGD(fresh.parameters(), lr=0.1), OIALRConfig(),
+              tracker=oialr.StabilityTracker(fresh, every=5))

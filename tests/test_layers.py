@@ -2,16 +2,17 @@ import pytest
 import torch
 from torch import nn
 
+import oialr
 import oialr.layers.base as base
 from oialr import LowRankConv, LowRankLinear
 from oialr.convert import convert_layer
 
 
 @pytest.fixture(params=base.PATHS)
-def path(request, monkeypatch):
-    """Run a test once on each forward path by forcing the cost model's answer."""
-    monkeypatch.setattr(base, "forward_path", lambda *a: request.param)
-    return request.param
+def path(request):
+    """Run a test once on each forward path."""
+    with oialr.force_path(request.param):
+        yield request.param
 
 
 def _factor(model, name):
@@ -119,11 +120,30 @@ def test_set_factors_keeps_parameter_objects_when_shape_is_unchanged():
     model = nn.Sequential(nn.Linear(6, 5))
     layer = _factor(model, "0")
     S = layer.lowrank_S
-    layer.set_factors(layer.lowrank_U * 1, layer.lowrank_S * 2, layer.lowrank_V * 1)
+    assert layer.set_factors(layer.lowrank_U * 1, layer.lowrank_S * 2, layer.lowrank_V * 1) is False
     assert layer.lowrank_S is S
-    layer.set_factors(layer.lowrank_U[:, :2], layer.lowrank_S[:2, :2], layer.lowrank_V[:, :2])
+    assert layer.set_factors(layer.lowrank_U[:, :2], layer.lowrank_S[:2, :2], layer.lowrank_V[:, :2]) is True
     assert layer.lowrank_S is not S and layer.rank == 2 and layer.lowrank_S.requires_grad
     with pytest.raises(ValueError, match="factors must be U"):
         layer.set_factors(torch.zeros(5, 2), torch.zeros(3, 3), torch.zeros(6, 2))
     with pytest.raises(ValueError, match="matrix shape"):
         layer.set_factors(torch.zeros(4, 2), torch.zeros(2, 2), torch.zeros(6, 2))
+
+
+def test_force_path_overrides_the_cost_model_and_every_path_computes_the_same():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10))
+    layer = _factor(model, "0")
+    x = torch.randn(7, 12)
+    chosen = layer.path(7)
+    outputs = {}
+    for path in base.PATHS:
+        with oialr.force_path(path):
+            assert layer.path(7) == path
+            outputs[path] = layer(x)
+        assert layer.path(7) == chosen                      # restored on leaving the block
+    for path in base.PATHS:
+        torch.testing.assert_close(outputs[path], outputs["dense"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="path must be one of chain, merged, dense, got 'fast'"):
+        with oialr.force_path("fast"):
+            pass
