@@ -13,9 +13,11 @@ from workloads import CONFIGS, FULL_RANK, WORKLOADS, Trainer, Workload
 DEFAULT_CONFIGS = (FULL_RANK, "f=0.25", "f=0.1")
 
 
-def run(workload: Workload, configs: list[str], *, repeats: int, steps: int, warmup: int) -> tuple[str, dict]:
+def measure(workload: Workload, configs: list[str], *, repeats: int, steps: int, warmup: int) -> dict:
     """Eager and compiled trainers of every config, timed interleaved in this process; ratios compiled / eager
-    per round, medians over rounds. Compile time = the first compiled step (forward and backward graphs)."""
+    per round, medians over rounds. Compile time = the first compiled step (forward and backward graphs). Returns
+    plain data: the samples (seconds per step, one per round) of ``name`` and ``"name compiled"``, the ratios,
+    the compile seconds and the load around the timed loop."""
     trainers, compile_seconds = {}, {}
     for name in configs:
         trainers[name] = Trainer(workload, CONFIGS[name])
@@ -29,21 +31,33 @@ def run(workload: Workload, configs: list[str], *, repeats: int, steps: int, war
     with harness.ForeignLoad() as other:
         samples = harness.interleaved({name: t.step for name, t in trainers.items()},
                                       repeats=repeats, calls=steps, warmup=warmup)
-    rows, ratio = [], {}
-    for name in configs:
-        eager, comp = samples[name], samples[f"{name} compiled"]
-        ratio[name] = harness.median([c / e for c, e in zip(comp, eager)])
-        rows.append([name, f"{1e3 * harness.median(eager):.1f}", f"{1e3 * harness.median(comp):.1f}",
-                     f"{ratio[name]:.3f}", f"{compile_seconds[name]:.0f}"])
-    text = "\n".join([
-        f"### torch.compile: {workload.name}", "",
-        f"{repeats} interleaved rounds × {steps} steps per variant after {warmup} warm-up steps, "
-        f"`torch.compile(model)` (inductor, default mode); the optimizer step stays eager. Load average "
-        f"{load_before} before the timed loop; other processes kept {other.cores:.2f} cores busy on average during "
-        "it.", "",
+    ratio = {name: harness.median([c / e for c, e in zip(samples[f"{name} compiled"], samples[name])])
+             for name in configs}
+    return {"workload": workload.name, "configs": list(configs), "repeats": repeats, "steps": steps,
+            "warmup": warmup, "load_before": load_before, "foreign_cores": other.cores, "samples": samples,
+            "ratio": ratio, "compile_seconds": compile_seconds}
+
+
+def render(numbers: dict) -> str:
+    """:func:`measure`'s numbers as a markdown section."""
+    samples = numbers["samples"]
+    rows = [[name, f"{1e3 * harness.median(samples[name]):.1f}",
+             f"{1e3 * harness.median(samples[f'{name} compiled']):.1f}", f"{numbers['ratio'][name]:.3f}",
+             f"{numbers['compile_seconds'][name]:.0f}"] for name in numbers["configs"]]
+    return "\n".join([
+        f"### torch.compile: {numbers['workload']}", "",
+        f"{numbers['repeats']} interleaved rounds × {numbers['steps']} steps per variant after {numbers['warmup']} "
+        f"warm-up steps, `torch.compile(model)` (inductor, default mode); the optimizer step stays eager. Load "
+        f"average {numbers['load_before']} before the timed loop; other processes kept "
+        f"{numbers['foreign_cores']:.2f} cores busy on average during it.", "",
         harness.markdown_table(["config", "eager ms/step", "compiled ms/step", "compiled / eager",
                                 "compile s (first step)"], rows), ""])
-    return text, {"ratio": ratio, "compile_seconds": compile_seconds, "foreign_cores": other.cores}
+
+
+def run(workload: Workload, configs: list[str], *, repeats: int, steps: int, warmup: int) -> tuple[str, dict]:
+    """:func:`measure` then :func:`render`: the markdown section and the numbers."""
+    numbers = measure(workload, configs, repeats=repeats, steps=steps, warmup=warmup)
+    return render(numbers), numbers
 
 
 def main(argv: list[str] | None = None) -> int:

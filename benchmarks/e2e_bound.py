@@ -88,11 +88,11 @@ def run_bound(epochs: list[dict], ratios: list[float]) -> float:
     return sum(s * r for s, r in zip(steps, ratios)) / sum(steps)
 
 
-def table(groups: list[list[str]]) -> str:
-    """A markdown table: per run its top-1 and gap to the group's full-rank run, trainable share, and the
-    multiply-add ratio of the whole run and of its last epoch."""
-    lines = ["| run | top-1 % | vs full-rank | trainable % | multiply-add ratio, whole run | "
-             "multiply-add ratio, last epoch |", "|---|---|---|---|---|---|"]
+def measure(groups: list[list[str]]) -> list[dict]:
+    """Per OIALR run of every group (a full-rank run folder, then the OIALR run folders compared with it): its
+    folder, top-1 and the group's full-rank top-1, the trainable share at the end, and the multiply-add ratio of
+    the whole run (``bound``) and of its last epoch."""
+    runs = []
     for baseline_dir, *run_dirs in groups:
         baseline = load_results(baseline_dir)
         if baseline["method"] != "full-rank":
@@ -103,12 +103,25 @@ def table(groups: list[list[str]]) -> str:
                 raise ValueError(f"{run_dir} trains {results['model']!r}, its full-rank run {baseline_dir} trains "
                                  f"{baseline['model']!r}")
             ratios = epoch_ratios(results, epochs, flop_model(results))
-            lines.append(
-                f"| {run_dir} | {100 * results['top1']:.2f} | "
-                f"{100 * (results['top1'] - baseline['top1']):+.2f} | "
-                f"{100 * results['trainable_params'] / results['dense_params']:.1f} | "
-                f"{run_bound(epochs, ratios):.3f} | {ratios[-1]:.3f} |")
+            runs.append({"run": run_dir, "top1": results["top1"], "baseline_top1": baseline["top1"],
+                         "trainable": results["trainable_params"] / results["dense_params"],
+                         "bound": run_bound(epochs, ratios), "last_epoch": ratios[-1]})
+    return runs
+
+
+def render_table(runs: list[dict]) -> str:
+    """:func:`measure`'s runs as a markdown table: per run its top-1 and gap to the group's full-rank run,
+    trainable share, and the multiply-add ratio of the whole run and of its last epoch."""
+    lines = ["| run | top-1 % | vs full-rank | trainable % | multiply-add ratio, whole run | "
+             "multiply-add ratio, last epoch |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {100 * r['top1']:.2f} | {100 * (r['top1'] - r['baseline_top1']):+.2f} | "
+              f"{100 * r['trainable']:.1f} | {r['bound']:.3f} | {r['last_epoch']:.3f} |" for r in runs]
     return "\n".join(lines) + "\n"
+
+
+def table(groups: list[list[str]]) -> str:
+    """:func:`measure` then :func:`render_table`."""
+    return render_table(measure(groups))
 
 
 PAGE = """# What the ranks allow end to end

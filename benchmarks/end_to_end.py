@@ -47,10 +47,12 @@ def command(recipe: Recipe, method: str, epochs: int, threads: int, out: str, ov
             *sets, "--out", out]
 
 
-def run(recipe: Recipe, *, repeats: int, epochs: int, threads: int, overrides: list[str] = ()) -> tuple[str, dict]:
-    """``repeats`` pairs of runs, the order within a pair alternating; returns markdown and the numbers."""
+def measure(recipe: Recipe, *, repeats: int, epochs: int, threads: int, overrides: list[str] = ()) -> dict:
+    """``repeats`` pairs of runs, the order within a pair alternating. Returns plain data: per pair the
+    ``results.json`` of each method and the cores other processes kept busy during each run, the per-pair time
+    ratios OIALR / full-rank and their median, the commands of the first pair and the load before and after."""
     root = tempfile.mkdtemp(prefix=f"oialr-e2e-{recipe.name}-")
-    rows, ratios, commands = [], [], []
+    pairs, commands = [], []
     load_before = harness.load()
     for i in range(repeats):
         results, foreign = {}, {}
@@ -63,23 +65,39 @@ def run(recipe: Recipe, *, repeats: int, epochs: int, threads: int, overrides: l
             with open(os.path.join(cmd[-1], "results.json")) as f:
                 results[method] = json.load(f)
             foreign[method] = other.cores
-        full, low = results["full-rank"], results["oialr"]
-        ratios.append(low["train_seconds"] / full["train_seconds"])
-        rows.append([i + 1, f"{full['train_seconds']:.1f}", f"{low['train_seconds']:.1f}", f"{ratios[-1]:.3f}",
+        pairs.append({"results": results, "foreign_cores": foreign})
+    ratios = [p["results"]["oialr"]["train_seconds"] / p["results"]["full-rank"]["train_seconds"] for p in pairs]
+    return {"recipe": recipe.name, "epochs": epochs, "repeats": repeats, "commands": commands, "pairs": pairs,
+            "load_before": load_before, "load_after": harness.load(), "ratios": ratios,
+            "ratio": harness.median(ratios)}
+
+
+def render(numbers: dict) -> str:
+    """:func:`measure`'s numbers as a markdown section."""
+    rows = []
+    for i, (pair, ratio) in enumerate(zip(numbers["pairs"], numbers["ratios"])):
+        full, low = pair["results"]["full-rank"], pair["results"]["oialr"]
+        foreign = pair["foreign_cores"]
+        rows.append([i + 1, f"{full['train_seconds']:.1f}", f"{low['train_seconds']:.1f}", f"{ratio:.3f}",
                      f"{full['top1']:.3f}", f"{low['top1']:.3f}", f"{low['trainable_params']:,} of "
                      f"{low['dense_params']:,}", low.get("transition_step"),
                      f"{foreign['full-rank']:.2f} / {foreign['oialr']:.2f}"])
-    ratio = harness.median(ratios)
-    text = "\n".join([
-        f"### End to end: {recipe.name}, {epochs} epochs, {repeats} alternated pairs", "",
-        f"Load average {load_before} before, {harness.load()} after. `train_seconds` from `results.json` (the "
-        "training loop only, no evaluation). Commands of the first pair (the order alternates per pair):", "",
-        "```", *commands, "```", "",
+    return "\n".join([
+        f"### End to end: {numbers['recipe']}, {numbers['epochs']} epochs, {numbers['repeats']} alternated pairs", "",
+        f"Load average {numbers['load_before']} before, {numbers['load_after']} after. `train_seconds` from "
+        "`results.json` (the training loop only, no evaluation). Commands of the first pair (the order alternates "
+        "per pair):", "",
+        "```", *numbers["commands"], "```", "",
         harness.markdown_table(["pair", "full-rank s", "OIALR s", "ratio", "full-rank top-1", "OIALR top-1",
                                 "OIALR trainable params (end)", "transition step",
                                 "other processes' cores (full-rank / OIALR run)"], rows), "",
-        f"Median OIALR / full-rank training time: **{ratio:.3f}**.", ""])
-    return text, {"ratio": ratio, "ratios": ratios}
+        f"Median OIALR / full-rank training time: **{numbers['ratio']:.3f}**.", ""])
+
+
+def run(recipe: Recipe, *, repeats: int, epochs: int, threads: int, overrides: list[str] = ()) -> tuple[str, dict]:
+    """:func:`measure` then :func:`render`: the markdown section and the numbers."""
+    numbers = measure(recipe, repeats=repeats, epochs=epochs, threads=threads, overrides=overrides)
+    return render(numbers), numbers
 
 
 def repo_root() -> str:
