@@ -14,7 +14,7 @@ from oialr.layers import PATHS, forward_path
 
 
 def rebuild_macs(m: int, n: int, r: int) -> int:
-    """Multiply-adds of ``W = U Σ Vᵀ`` in the order :func:`oialr.layers.base.rebuild` uses."""
+    """Multiply-adds of ``W = U Σ Vᵀ`` in the order :meth:`oialr.LowRankLayer.dense_matrix` uses."""
     return m * n * r + min(m, n) * r * r
 
 
