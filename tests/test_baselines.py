@@ -109,15 +109,7 @@ def test_svd_finetune_state_dict_rebuilds_the_factors_for_exact_resume():
     x = torch.randn(9, 12)
 
     def train(model, opt, ctl, steps):
-        losses = []
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = model(x).square().mean()
-            loss.backward()
-            opt.step()
-            ctl.step()
-            losses.append(loss.item())
-        return losses
+        return _train(model, opt, x, steps, ctl)
 
     straight = train(*build(), 6)
     model, opt, ctl = build()
@@ -131,6 +123,20 @@ def test_svd_finetune_state_dict_rebuilds_the_factors_for_exact_resume():
     changed = dict(saved["ctl"], ranks={"0": 1, "2": 1})
     with pytest.raises(ValueError, match="other ranks"):
         build()[2].load_state_dict(changed)
+
+
+def _train(model, opt, x, steps, ctl=None):
+    """``steps`` optimizer steps on the loss ``mean(model(x)²)`` (and ``ctl.step()`` after each); the losses."""
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        if ctl is not None:
+            ctl.step()
+        losses.append(loss.item())
+    return losses
 
 
 def _round_trip(obj):
@@ -154,14 +160,7 @@ def test_galore_projects_the_eligible_weights_and_resumes_exactly():
     x = torch.randn(9, 12)
 
     def train(model, opt, steps):
-        losses = []
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = model(x).square().mean()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        return losses
+        return _train(model, opt, x, steps)
 
     straight = train(*build(), 7)
     model, opt = build()

@@ -2,11 +2,11 @@
 with every method on a tiny model (results, metrics, resume), and the errors for a bad --data-dir."""
 import json
 import os
-import signal
 
 import pytest
 import torch
 
+from interrupt import interrupt_after
 from oialr.cli import run as cli_run
 from oialr.cli import text_data
 from oialr.cli.data import DataError
@@ -134,17 +134,6 @@ def test_train_text_with_every_method(method, corpus, tmp_path, capsys):
     assert "val bpb" in table and "tok/s low-rank" in table and f"{results['val_bpb']:.4f}" in table
 
 
-def _interrupt_after(monkeypatch, steps):
-    real = cli_run.TrainingRun._train_step
-
-    def step(self, x, y):
-        real(self, x, y)
-        if self.step == steps:
-            self._stop_signal = signal.SIGTERM
-
-    monkeypatch.setattr(cli_run.TrainingRun, "_train_step", step)
-
-
 @pytest.mark.parametrize("method", ["svd-finetune", "galore"])
 def test_text_run_resumes_exactly(method, corpus, tmp_path, monkeypatch):
     """Interrupted after the truncation (svd-finetune) or after a projector refresh (galore), then resumed: the same
@@ -155,7 +144,7 @@ def test_text_run_resumes_exactly(method, corpus, tmp_path, monkeypatch):
     straight = cli_run.start_or_resume(cfg, str(tmp_path / "a"), False, log=lambda *a: None)
     straight.train()
     with monkeypatch.context() as m:
-        _interrupt_after(m, 13)
+        interrupt_after(m, 13)
         run = cli_run.start_or_resume(cfg, str(tmp_path / "b"), False, log=lambda *a: None)
         with pytest.raises(cli_run.Interrupted, match="at step 13"):
             run.train()

@@ -9,6 +9,7 @@ import time
 import pytest
 import torch
 
+from interrupt import interrupt_after
 from oialr import PlateauRule
 from oialr.cli import run as cli_run
 from oialr.cli.settings import ConfigError, build_config
@@ -85,23 +86,12 @@ def test_compile_trains_like_eager(data_dir, tmp_path, monkeypatch):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
 
 
-def _interrupt_after(monkeypatch, steps):
-    real = cli_run.TrainingRun._train_step
-
-    def step(self, x, y):
-        real(self, x, y)
-        if self.step == steps:
-            self._stop_signal = signal.SIGTERM
-
-    monkeypatch.setattr(cli_run.TrainingRun, "_train_step", step)
-
-
 def test_interrupt_then_resume_is_exact(data_dir, tmp_path, monkeypatch):
     cfg = tiny(data_dir)
     straight = cli_run.start_or_resume(cfg, str(tmp_path / "a"), False, log=lambda *a: None)
     expected = straight.train()
     with monkeypatch.context() as m:
-        _interrupt_after(m, 26)                     # mid-epoch 2, after the transition and a rank update
+        interrupt_after(m, 26)                     # mid-epoch 2, after the transition and a rank update
         run = cli_run.start_or_resume(cfg, str(tmp_path / "b"), False, log=lambda *a: None)
         with pytest.raises(cli_run.Interrupted, match="at step 26"):
             run.train()
