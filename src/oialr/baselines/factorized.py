@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import OIALRConfig, linalg
+from ..convert import replace_module
 from .ranks import linear_layers, resolve_ranks
 
 STATE_VERSION = 1
@@ -90,8 +91,7 @@ class FactorizedTraining:
             layer = self.model.get_submodule(name)
             new = factorize_linear(layer, self.ranks[name])
             _replace_param(self.optimizer, layer.weight, [new[0].weight, new[1].weight])
-            parent, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent), child, new)
+            replace_module(self.model, name, new)
         self.transition_step, self.transition_reason = self.step_count, reason
         self._wrapped = None
 
