@@ -386,6 +386,43 @@ def test_exact_resume_after_rank_changes():
         assert n1 == n2 and torch.equal(p1, p2), n1
 
 
+def test_restore_computes_no_svd(monkeypatch):
+    """A restore gives every layer the saved rank with placeholder factors: no SVD, whose values would be
+    overwritten by model.load_state_dict anyway."""
+    _, _, _, saved = _run(14, stop_at=8)
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("a restore must not compute an SVD")
+
+    monkeypatch.setattr(oialr.linalg, "svd", no_svd)
+    torch.manual_seed(1)
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.01)
+    ctl = OIALR(model, opt, OIALRConfig(warmup_steps=3, update_every=2, cutoff=0.3))
+    ctl.load_state_dict(saved["ctl"])
+    assert {n: layer.rank for n, layer in ctl.lowrank_layers().items()} == saved["ctl"]["ranks"]
+    model.load_state_dict(saved["model"])
+    assert all(torch.equal(p, saved["model"][n]) for n, p in model.state_dict().items())
+
+
+def test_wrapper_is_rebuilt_only_when_parameters_are_replaced():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    built = []
+    ctl = OIALR(model, opt, OIALRConfig(warmup_steps=2, update_every=1, cutoff=0.0),
+                wrap=lambda m: built.append(nn.Sequential(m)) or built[-1])
+    first = ctl.wrapped_model
+    assert ctl.wrapped_model is first and len(built) == 1                 # built once, on first use
+    for x, y in batches((16, 16), 4, 4, seed=3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ctl.wrapped_model(x), y).backward()
+        opt.step()
+        ctl.step()
+    assert ctl.phase == "low-rank" and len(built) == 2                   # the transition replaced Parameters
+    assert ctl.wrapped_model is built[-1] and built[-1][0] is model      # updates at cutoff 0 keep the ranks
+
+
 def test_same_seed_same_result():
     a, ranks_a, _, _ = _run(10)
     b, ranks_b, _, _ = _run(10)

@@ -11,10 +11,12 @@ from ._checks import check_state_version, warn
 from .auto_transition import PlateauRule
 from .config import OIALRConfig
 from .convert import convert_layer
-from .factorize import BasisUpdate, Factors, basis_update, stored_params, transition_factors
+from .factorize import BasisUpdate, Factors, basis_update, placeholder_factors, stored_params, transition_factors
 from .layers import LowRankLayer
-from .stability import StabilityTracker, network_stability
+from .stability import StabilityTracker
 from .targets import SUPPORTED, LayerInfo, find_layers, format_table, layer_weight, trainable_params
+from .warmup import WarmupEnd
+from .wrapper import Rewrapped
 
 STATE_VERSION = 1
 
@@ -33,7 +35,7 @@ class OIALR:
     The algorithm, for every converted weight ``W (m×n)``:
 
     1. steps ``1 … T₀-1``: ordinary full-rank training (``T₀ = warmup_steps``; with ``warmup_steps="auto"``, ``T₀``
-       is the first stability sample at which :class:`oialr.PlateauRule` fires);
+       is the first stability sample at which :class:`oialr.PlateauRule` fires: :class:`oialr.warmup.WarmupEnd`);
     2. inside step ``T₀`` (:meth:`transition`): ``W = U diag(s) Vᵀ``; keep ``r`` values (``s_i >= cutoff·s_1``, at
        most ``ceil(rank_fraction·min(m, n))``); the layer becomes ``U (m×r)``, ``Σ = diag(s_1..s_r)``, ``V (n×r)``,
        with ``U``, ``V`` frozen and ``Σ`` (a full ``r×r`` matrix) in ``W``'s place in the optimizer;
@@ -64,13 +66,11 @@ class OIALR:
                             "...)), then train through ctl.wrapped_model")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if wrap is not None and not callable(wrap):
-            raise TypeError(f"wrap must be a callable module -> wrapped module (or None), got {type(wrap).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model = model
         self.optimizer = optimizer
-        self._wrap, self._wrapped = wrap, None
+        self._wrapper = Rewrapped(model, wrap)
         self.config = config if config is not None else OIALRConfig()
         if not isinstance(self.config, OIALRConfig):
             raise TypeError(f"config must be an OIALRConfig, got {type(self.config).__name__}")
@@ -89,26 +89,9 @@ class OIALR:
         self.transition_step: int | None = None
         self.transition_reason: str | None = None
         self._warned_optimizer = False
-        self.tracker, self._own_tracker, self.rule = None, False, None
-        if self.config.warmup_steps == "auto":
-            self.tracker, self._own_tracker = self._auto_tracker(tracker), tracker is None
-            self.rule = PlateauRule.from_settings(self.config.auto)
-        elif tracker is not None:
-            raise ValueError("tracker is read only with warmup_steps=\"auto\"; leave it out")
+        self.warmup = WarmupEnd(model, self.config, self.targets, tracker)
         if self.config.warmup_steps == 0:
             self.transition("warmup_steps=0: converted when the controller was built")
-
-    def _auto_tracker(self, given: StabilityTracker | None) -> StabilityTracker:
-        auto = self.config.auto
-        if given is None:
-            return StabilityTracker(self.model, every=auto.every, cutoff=self.config.cutoff, layers=self.targets,
-                                    lag=auto.lag)
-        missing = [name for name in self.targets if name not in given.layers]
-        if (given.every, given.lag) != (auto.every, auto.lag) or missing:
-            raise ValueError(f"the tracker given must sample every {auto.every} steps at lag {auto.lag} (config.auto)"
-                             f" and measure every layer to convert; it samples every {given.every} at lag "
-                             f"{given.lag} and misses {missing}")
-        return given
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -116,41 +99,31 @@ class OIALR:
         return "full-rank" if self.transition_step is None else "low-rank"
 
     @property
+    def tracker(self) -> StabilityTracker | None:
+        """The stability tracker an automatic transition reads (None after the transition or without "auto")."""
+        return self.warmup.tracker
+
+    @property
+    def rule(self) -> PlateauRule | None:
+        """The :class:`oialr.PlateauRule` of ``warmup_steps="auto"`` (else None)."""
+        return self.warmup.rule
+
+    @property
     def wrapped_model(self) -> nn.Module:
         """The module to run the training forward through: ``wrap(model)``, built on first use and again after the
         controller replaced Parameter objects (the transition, a rank change, a restore); ``model`` without ``wrap``.
-        Read it at every step and keep no reference to an old wrapper (its gradient hooks live as long as it does)."""
-        if self._wrap is None:
-            return self.model
-        if self._wrapped is None:
-            self._wrapped = self._wrap(self.model)
-        return self._wrapped
+        Read it at every step (:class:`oialr.wrapper.Rewrapped`)."""
+        return self._wrapper.module
 
     def step(self) -> None:
         """Advance one optimizer step; run the transition or a basis update when the schedule says so."""
         self.step_count += 1
         if self.transition_step is None:
-            reason = self._warmup_over()
+            reason = self.warmup.reason(self.step_count, self.targets)
             if reason:
                 self.transition(reason)
         elif (self.step_count - self.transition_step) % self.config.update_every == 0:
             self.update_bases()
-
-    def _warmup_over(self) -> str | None:
-        """Why the full-rank phase ends at this step, or None if it goes on."""
-        if self.rule is None:
-            return f"warmup_steps={self.config.warmup_steps} reached" \
-                if self.step_count >= self.config.warmup_steps else None
-        record = self.tracker.step() if self._own_tracker else self._given_tracker_record()
-        if record is None:
-            return None
-        stability = network_stability(record["layers"], self.targets)
-        reason = self.rule.reason if self.rule.update(self.step_count, stability) else None
-        return distributed.broadcast_object(reason)     # process 0 decides: every process switches at one step
-
-    def _given_tracker_record(self) -> dict[str, Any] | None:
-        records = self.tracker.records
-        return records[-1] if records and records[-1]["step"] == self.step_count else None
 
     def lowrank_layers(self) -> dict[str, LowRankLayer]:
         """The factored layers by qualified name (empty before the transition)."""
@@ -161,25 +134,26 @@ class OIALR:
     # ------------------------------------------------------------------ the two events
     @torch.no_grad()
     def transition(self, reason: str, ranks: dict[str, int] | None = None) -> None:
-        """Factor every target weight (:func:`oialr.factorize.transition_factors`; ranks from the config, or
-        ``ranks`` when restoring a saved run). One layer at a time: its dense weight and optimizer state are freed
-        before the next layer's SVD."""
+        """Factor every target weight (:func:`oialr.factorize.transition_factors`; ranks from the config), or,
+        restoring a saved run, give every target the saved rank ``ranks`` with placeholder factors (no SVD: the
+        values are loaded next). One layer at a time: its dense weight and optimizer state are freed before the next
+        layer's SVD."""
         self._warn_unknown_optimizer()
         for name in self.targets:
             _, weight = layer_weight(self.model, name)
             matrix = linalg.matrix_view(weight)
-            factors = None
-            if distributed.is_source() or ranks is not None:
-                factors = transition_factors(matrix, self.config, None if ranks is None else ranks[name])
-            if ranks is None:                           # a fresh SVD: every process adopts process 0's factors
+            if ranks is not None:
+                factors = placeholder_factors(*matrix.shape, ranks[name], like=weight)
+            else:                                       # process 0's SVD, adopted by every process
+                factors = transition_factors(matrix, self.config) if distributed.is_source() else None
                 factors = distributed.broadcast_factors(factors, matrix.shape, like=weight)
             _, layer = convert_layer(self.model, name, factors)
             optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S, layer.lowrank_U, layer.lowrank_V)
             del weight, matrix, factors
-        self._wrapped = None                            # new Parameters: the wrapper is rebuilt on next use
+        self._wrapper.invalidate()                      # new Parameters: the wrapper is rebuilt on next use
         self.transition_step = self.step_count
         self.transition_reason = reason
-        self.tracker = None                             # the rule has fired: no more samples are read
+        self.warmup.finish()
 
     @torch.no_grad()
     def update_bases(self) -> None:
@@ -193,7 +167,7 @@ class OIALR:
         like = next(iter(layers.values())).lowrank_S
         for layer, update in zip(layers.values(), distributed.broadcast_updates(updates, shapes, like)):
             if update is not None:
-                self._apply(layer, update.factors, update)
+                self._apply(layer, update)
 
     def _basis_update(self, name: str, layer: LowRankLayer) -> BasisUpdate | None:
         if not torch.isfinite(layer.lowrank_S).all():
@@ -202,15 +176,16 @@ class OIALR:
             return None
         return basis_update(layer.lowrank_U, layer.lowrank_S, layer.lowrank_V, self.config)
 
-    def _apply(self, layer: LowRankLayer, factors: Factors, rotation: BasisUpdate | None) -> None:
-        """The one place factors change after the transition: the layer takes ``factors`` (new Parameters when the
-        rank changes), ``Σ``'s optimizer entry follows, rotated by ``rotation``'s ``u``, ``v`` (or fresh, for a
-        restore whose state is loaded next), and a wrapper holding old Parameters is dropped."""
+    def _apply(self, layer: LowRankLayer, new: BasisUpdate | Factors) -> None:
+        """The one place factors change after the transition: the layer takes the new ``U``, ``Σ``, ``V`` (new
+        Parameters when the rank changes), ``Σ``'s optimizer entry follows, rotated by a basis update's ``u``, ``v``
+        (or fresh for plain ``Factors``: a restore, whose state is loaded next), and a wrapper holding old Parameters
+        is dropped."""
         old_S = layer.lowrank_S
-        if layer.set_factors(*factors):
-            self._wrapped = None
-        if rotation is not None:
-            optim_state.rotate(self.optimizer, old_S, layer.lowrank_S, rotation.u, rotation.v)
+        if layer.set_factors(new.U, new.S, new.V):
+            self._wrapper.invalidate()
+        if isinstance(new, BasisUpdate):
+            optim_state.rotate(self.optimizer, old_S, layer.lowrank_S, new.u, new.v)
         elif layer.lowrank_S is not old_S:
             optim_state.swap_param(self.optimizer, old_S, layer.lowrank_S)
 
@@ -261,8 +236,7 @@ class OIALR:
             "transition_step": self.transition_step,
             "transition_reason": self.transition_reason,
             "ranks": {name: layer.rank for name, layer in self.lowrank_layers().items()},
-            "tracker": None if self.tracker is None or not self._own_tracker else self.tracker.state_dict(),
-            "rule": None if self.rule is None else self.rule.state_dict(),
+            **self.warmup.state_dict(),                 # "tracker", "rule"
             "dense_trainable_params": self.dense_trainable_params,
             "config": self.config.to_dict(),
         }
@@ -282,20 +256,13 @@ class OIALR:
         if self.transition_step is not None and state["transition_step"] is None:
             raise ValueError("cannot restore a full-rank (pre-transition) state into a controller that already "
                              "converted the model; build a fresh model, optimizer and controller")
-        if (state["rule"] is None) != (self.rule is None):
-            raise ValueError("the saved run and this controller disagree on warmup_steps='auto'; build the "
-                             "OIALRConfig as in the saved run")
+        self.warmup.load_state_dict(state)
         if state["transition_step"] is not None and self.transition_step is None:
             self.transition(state["transition_reason"], ranks)
         elif state["transition_step"] is not None:
             for name, layer in self.lowrank_layers().items():
                 if layer.rank != ranks[name]:           # placeholder values of the saved rank
-                    (m, n), r, ref = layer.matrix_shape, ranks[name], layer.lowrank_S
-                    self._apply(layer, Factors(ref.new_zeros(m, r), ref.new_zeros(r, r), ref.new_zeros(n, r)), None)
-        if self.rule is not None:
-            self.rule.load_state_dict(state["rule"])
-        if self.tracker is not None and self._own_tracker and state["tracker"] is not None:
-            self.tracker.load_state_dict(state["tracker"])
+                    self._apply(layer, placeholder_factors(*layer.matrix_shape, ranks[name], like=layer.lowrank_S))
         self.step_count = state["step"]
         self.transition_step = state["transition_step"]
         self.transition_reason = state["transition_reason"]

@@ -39,6 +39,14 @@ def stored_params(m: int, n: int, r: int) -> int:
     return r * (m + n + r)
 
 
+def placeholder_factors(m: int, n: int, rank: int, like: Tensor) -> Factors:
+    """Zero factors ``U (m×r)``, ``Σ (r×r)``, ``V (n×r)`` in ``like``'s dtype and device: the shapes of a saved run,
+    whose values are loaded next (no SVD)."""
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be in [1, {min(m, n)}] for a ({m}, {n}) weight, got {rank}")
+    return Factors(like.new_zeros(m, rank), like.new_zeros(rank, rank), like.new_zeros(n, rank))
+
+
 def transition_factors(matrix: Tensor, config: OIALRConfig, rank: int | None = None) -> Factors:
     """The transition of one weight ``W (m×n)``: thin SVD ``W = U diag(s) Vᵀ`` (float32 or better,
     :func:`oialr.linalg.svd`), keeping ``r`` values: ``rank`` if given (a restored run), else

@@ -43,13 +43,16 @@ def find_group(optimizer: torch.optim.Optimizer, param: Tensor) -> dict | None:
     return None
 
 
-def swap_param(optimizer: torch.optim.Optimizer, old: Tensor, new: nn.Parameter) -> dict:
-    """Put ``new`` where ``old`` is in its param group (same position); drop ``old``'s state; return old state."""
+def swap_param(optimizer: torch.optim.Optimizer, old: Tensor, *new: nn.Parameter) -> dict:
+    """Put ``new`` (one Parameter, or several in order) where ``old`` is in its param group (same position, so the
+    optimizer's ``state_dict`` order is reproducible); drop ``old``'s state and return it."""
     group = find_group(optimizer, old)
     if group is None:
-        raise ValueError(f"parameter of shape {tuple(old.shape)} is not in the optimizer")
+        raise ValueError(f"parameter of shape {tuple(old.shape)} is not in the optimizer; build the optimizer over "
+                         "model.parameters()")
     params = group["params"]
-    params[next(i for i, p in enumerate(params) if p is old)] = new
+    i = next(i for i, p in enumerate(params) if p is old)
+    params[i:i + 1] = new
     return optimizer.state.pop(old, {})
 
 

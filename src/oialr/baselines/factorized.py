@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .. import OIALRConfig, linalg
+from .. import OIALRConfig, linalg, optim_state
 from ..convert import replace_module
+from ..wrapper import Rewrapped
 from .ranks import linear_layers, resolve_ranks
 
 STATE_VERSION = 1
@@ -57,7 +58,7 @@ class FactorizedTraining:
         if not isinstance(start_step, int) or isinstance(start_step, bool) or start_step < 0:
             raise ValueError(f"start_step must be an integer >= 0, got {start_step!r}")
         self.model, self.optimizer, self.start_step = model, optimizer, start_step
-        self._wrap, self._wrapped = wrap, None
+        self._wrapper = Rewrapped(model, wrap)
         self.shapes = linear_layers(model, config)
         self.ranks = resolve_ranks(rank, self.shapes)
         self.step_count = 0
@@ -73,11 +74,7 @@ class FactorizedTraining:
     @property
     def wrapped_model(self) -> nn.Module:
         """``wrap(model)``, built on first use and again after the switch; ``model`` without ``wrap``."""
-        if self._wrap is None:
-            return self.model
-        if self._wrapped is None:
-            self._wrapped = self._wrap(self.model)
-        return self._wrapped
+        return self._wrapper.module
 
     def step(self) -> None:
         """Advance one optimizer step; factor the layers when the warm-up is over."""
@@ -90,10 +87,10 @@ class FactorizedTraining:
         for name in self.shapes:
             layer = self.model.get_submodule(name)
             new = factorize_linear(layer, self.ranks[name])
-            _replace_param(self.optimizer, layer.weight, [new[0].weight, new[1].weight])
+            optim_state.swap_param(self.optimizer, layer.weight, new[0].weight, new[1].weight)
             replace_module(self.model, name, new)
         self.transition_step, self.transition_reason = self.step_count, reason
-        self._wrapped = None
+        self._wrapper.invalidate()
 
     def summary(self) -> dict[str, Any]:
         """Phase, step, parameter counts and, per layer, rank and sizes (the keys of :meth:`oialr.OIALR.summary`)."""
@@ -130,14 +127,3 @@ class FactorizedTraining:
         self.step_count = state["step"]
         self.transition_step, self.transition_reason = state["transition_step"], state["transition_reason"]
 
-
-def _replace_param(optimizer: torch.optim.Optimizer, old: Tensor, new: list[nn.Parameter]) -> None:
-    """Put ``new`` where ``old`` is in its param group (same position, so the order is reproducible) and drop
-    ``old``'s state."""
-    for group in optimizer.param_groups:
-        for i, p in enumerate(group["params"]):
-            if p is old:
-                group["params"][i:i + 1] = new
-                optimizer.state.pop(old, None)
-                return
-    raise ValueError("a weight to factor is not in the optimizer; build the optimizer over model.parameters()")
