@@ -206,6 +206,18 @@ def test_stability_summary_replays_the_automatic_rule():
     assert summarize(records, 2000)["auto_switch_step"] is None               # the defaults want 0.99
 
 
+def test_stability_summary_reports_the_qr_mixing():
+    from oialr.cli.stability_report import network_mixing, summarize
+    layers = [{"a": {"mixing": None}, "b": {"mixing": None}}, {"a": {"mixing": 0.2}, "b": {"mixing": 0.4}},
+              {"a": {"mixing": 0.05}, "b": {"mixing": None}}]
+    records = [{"step": 50 * (i + 1), "network_stability": v, "weighted_stability": v, "layers": lay}
+               for i, (v, lay) in enumerate(zip([None, 0.9, 0.99], layers))]
+    assert network_mixing(records[0]) is None and network_mixing(records[1]) == pytest.approx(0.3)
+    summary = summarize(records, total_steps=150)
+    assert summary["final_network_mixing"] == 0.05
+    assert summarize([{**r, "layers": {}} for r in records], 150)["final_network_mixing"] is None
+
+
 def test_aggregate_table_gives_mean_and_std_over_seeds(tmp_path):
     from oialr.cli.compare import aggregate_table
     dirs = []

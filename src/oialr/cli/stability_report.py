@@ -25,6 +25,10 @@ def summarize(records: list[dict], total_steps: int | None, rule: PlateauRule | 
     :class:`oialr.PlateauRule`'s defaults) fed this series would have switched to low rank (``auto_switch_step``,
     None if never).
 
+    With the QR mixing recorded (``oialr train`` records it), ``final_network_mixing`` is the last sample's mean over
+    layers of ``‖R − R_prev‖_F / ‖R_prev‖_F`` (``W = QR``): how much the mixing of the basis still changes while the
+    basis itself has settled (the paper's "bases first, mixing after"; drawn beside the stability).
+
     Measured on the samples that have a stability (the first ``lag`` samples have none)."""
     points = [(r["step"], r["network_stability"]) for r in records if r["network_stability"] is not None]
     if not points:
@@ -39,6 +43,7 @@ def summarize(records: list[dict], total_steps: int | None, rule: PlateauRule | 
     target = points[lowest][1] + 0.9 * (final - points[lowest][1])
     risen = next((step for step, value in points[lowest:] if value >= target), None)
     weighted = [r["weighted_stability"] for r in records if r["weighted_stability"] is not None]
+    mixing = [m for m in map(network_mixing, records) if m is not None]
     return {
         "samples": len(records),
         "final_network_stability": final,
@@ -48,14 +53,22 @@ def summarize(records: list[dict], total_steps: int | None, rule: PlateauRule | 
         "fraction_90pct_of_final": None if reached is None or not total_steps else reached / total_steps,
         "step_90pct_of_rise": risen,
         "fraction_90pct_of_rise": None if risen is None or not total_steps else risen / total_steps,
+        "final_network_mixing": mixing[-1] if mixing else None,
         "auto_rule": rule.settings(),
         "auto_switch_step": rule.fired_step,
         "auto_reason": rule.reason or None,
     }
 
 
+def network_mixing(record: dict) -> float | None:
+    """Mean QR mixing ``‖R − R_prev‖_F / ‖R_prev‖_F`` over a record's layers that have one (None if none has)."""
+    values = [layer["mixing"] for layer in record.get("layers", {}).values() if layer.get("mixing") is not None]
+    return sum(values) / len(values) if values else None
+
+
 def report(run_dir: str) -> dict:
-    """Write ``stability_network.png``, ``stability_layers.png``, ``spectra.png`` (if ``spectra.json`` exists) and
+    """Write ``stability_network.png`` (with the mixing beside the stability when recorded),
+    ``stability_layers.png``, ``spectra.png`` (if ``spectra.json`` exists) and
     ``stability_summary.json`` to ``run_dir``; return the summary. The automatic-transition rule replayed on the
     series is the run's own (its ``oialr.auto`` settings), so a full-rank run shows where ``warmup_steps="auto"``
     would have switched: a cheap way to tune the rule (the controller samples at ``oialr.auto.lag``, every
@@ -84,14 +97,21 @@ def _plot(records: list[dict], run_dir: str, total_steps: int | None) -> None:
 
     steps = [r["step"] for r in records]
     lag = f", bases {records[-1]['lag_steps']} steps apart" if "lag_steps" in records[-1] else ""
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.plot(steps, [_nan(r["network_stability"]) for r in records], label="mean over layers")
     ax.plot(steps, [_nan(r["weighted_stability"]) for r in records], label="parameter-weighted mean")
     ax.set(xlabel="optimizer step", ylabel="stability  tr(Q₁ᵀQ₂)/n", title=f"network basis stability{lag}")
     if total_steps:
         ax.set_xlim(0, total_steps)
     ax.grid(alpha=0.3)
-    ax.legend()
+    lines = ax.get_lines()
+    mixing = [network_mixing(r) for r in records]
+    if any(m is not None for m in mixing):
+        twin = ax.twinx()
+        lines += twin.plot(steps, [_nan(m) for m in mixing], color="tab:red", lw=0.8,
+                           label="QR mixing ‖R − R_prev‖/‖R_prev‖ (right)")
+        twin.set(ylabel="mixing change (mean over layers)", yscale="log")
+    ax.legend(handles=lines, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(lines))
     save_figure(fig, os.path.join(run_dir, "stability_network.png"))
 
     names = list(records[-1]["layers"])
