@@ -11,13 +11,14 @@ Transition (dense ``W`` -> ``U Σ Vᵀ``), per layer:
 
 Basis update (``Σ = u diag(s) vᵀ``; new coordinates ``Σ' = uᵀ Σ v``, gradients ``g' = uᵀ g v``), keeping ``k`` values:
     first moment / momentum (linear in ``g``), exact:   ``m' = (uᵀ m v)[:k, :k]``
-    Adam second moment (``E[g²]`` elementwise) cannot be rotated exactly (that needs the covariances of the entries);
-    treating the entries of ``g`` as uncorrelated gives ``E[g'²_ij] = Σ_kl u²_ki v²_lj E[g²_kl]``, i.e.
-        ``v' = (u∘u)ᵀ v (v∘v)``, then ``[:k, :k]``.
+    Adam second moment ``a = E[g²]`` (elementwise; ``exp_avg_sq``) cannot be rotated exactly (that needs the
+    covariances of the entries); treating the entries of ``g`` as uncorrelated gives
+    ``E[g'²_ij] = Σ_kl u²_ki v²_lj E[g²_kl]``, i.e.
+        ``a' = (u∘u)ᵀ a (v∘v)``, then ``[:k, :k]``.
     ``u∘u`` and ``v∘v`` are doubly stochastic, so every new entry is a weighted mean of old ones and the total is
     kept; it is exact when ``u``, ``v`` are signed permutations. (An upper bound, Cauchy–Schwarz on each entry, is
-    safe in theory but inflates ``v`` by up to ``r²`` when ``Σ``'s singular values are close and its SVD mixes
-    many of them, as right after the transition: on the Fashion-MNIST mini-ViT the first update grew ``v`` ~100×
+    safe in theory but inflates ``a`` by up to ``r²`` when ``Σ``'s singular values are close and its SVD mixes
+    many of them, as right after the transition: on the Fashion-MNIST mini-ViT the first update grew ``a`` ~100×
     and Adam's steps on ``Σ`` shrank ~10×, stalling training.) ``step`` is kept.
 """
 from __future__ import annotations
