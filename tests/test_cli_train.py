@@ -233,6 +233,25 @@ def test_aggregate_table_gives_mean_and_std_over_seeds(tmp_path):
     assert rows[3] == "| one | 1 | 80.00 | 20.0 | 150.0 | 10 | 500 |"
 
 
+def test_text_tables_give_the_factored_layers_stored_fraction(tmp_path):
+    from oialr.cli.compare import aggregate_table, factored_stored_fraction
+    layers = {"a": {"rank": 2, "full_rank": 4, "dense_params": 16, "stored_params": 2 * (4 + 4 + 2)},
+              "b": {"rank": 8, "full_rank": 8, "dense_params": 64, "stored_params": 8 * (8 + 8 + 8)}}
+    base = {"val_bpb": 2.5, "trainable_params": 50, "dense_params": 100, "stored_params": 120, "train_seconds": 9.0,
+            "peak_rss_mb": 400, "tokens_per_second_full_rank": 1000.0, "tokens_per_second_low_rank": None}
+    lowrank = {**base, "transition_step": 3, "layers": layers}
+    assert factored_stored_fraction(lowrank) == (20 + 192) / (16 + 64)
+    assert factored_stored_fraction({**lowrank, "transition_step": None}) is None      # still in warm-up
+    assert factored_stored_fraction({**base, "transition_step": None, "layers": {}}) is None      # full-rank
+    for name, results in (("lr", lowrank), ("fr", {**base, "transition_step": None, "layers": {}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    rows = aggregate_table({"lr": [str(tmp_path / "lr")], "fr": [str(tmp_path / "fr")]}).splitlines()
+    assert rows[0].split(" | ")[5] == "factored stored %"
+    assert rows[2] == "| lr | 1 | 2.5000 | 50.0 | 120.0 | 265.0 | 1,000 | — | 9 | 400 |"
+    assert rows[3] == "| fr | 1 | 2.5000 | 50.0 | 120.0 | — | 1,000 | — | 9 | 400 |"
+
+
 def test_automatic_transition_reads_the_runs_stability_series(data_dir, tmp_path):
     auto = {"warmup_steps": "auto", "update_every": 7, "cutoff": 0.2,
             "auto": {"every": 5, "min_steps": 5, "max_steps": 10}}
