@@ -6,7 +6,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import distributed, linalg, optim_state
+from . import distributed, optim_state
 from ._checks import check_state_version, warn
 from .auto_transition import PlateauRule
 from .config import OIALRConfig
@@ -14,7 +14,7 @@ from .convert import convert_layer
 from .factorize import BasisUpdate, Factors, basis_update, stored_params, transition_factors
 from .layers import LowRankLayer
 from .stability import StabilityTracker, network_stability
-from .targets import SUPPORTED, LayerInfo, find_layers, format_table, layer_weight, trainable_params
+from .targets import LayerInfo, no_target_message, as_matrix, find_layers, format_table, layer_weight, trainable_params
 
 STATE_VERSION = 1
 
@@ -77,9 +77,7 @@ class OIALR:
         self.layer_infos: list[LayerInfo] = find_layers(model, self.config)
         self.targets = [info.name for info in self.layer_infos if info.convert]
         if not self.targets:
-            found = "\n".join(f"  {i.name} ({i.kind} {i.shape[0]}x{i.shape[1]}): {i.reason}" for i in self.layer_infos)
-            raise ValueError(f"no layer of the model can be converted; OIALR converts {SUPPORTED}.\n"
-                             + (f"Layers found and why they stay dense:\n{found}" if found else "None was found."))
+            raise ValueError(no_target_message(model, self.layer_infos))
         for name in self.targets:
             if optim_state.find_group(optimizer, layer_weight(model, name)[1]) is None:
                 raise ValueError(f"the weight of layer {name!r} trains (requires_grad=True) but is not in the "
@@ -166,16 +164,17 @@ class OIALR:
         before the next layer's SVD."""
         self._warn_unknown_optimizer()
         for name in self.targets:
-            _, weight = layer_weight(self.model, name)
-            matrix = linalg.matrix_view(weight)
+            module, weight = layer_weight(self.model, name)
+            matrix = as_matrix(module, weight)
             factors = None
             if distributed.is_source() or ranks is not None:
                 factors = transition_factors(matrix, self.config, None if ranks is None else ranks[name])
             if ranks is None:                           # a fresh SVD: every process adopts process 0's factors
                 factors = distributed.broadcast_factors(factors, matrix.shape, like=weight)
-            _, layer = convert_layer(self.model, name, factors)
-            optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S, layer.lowrank_U, layer.lowrank_V)
-            del weight, matrix, factors
+            layer = convert_layer(self.model, name, factors)[1]
+            optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S, layer.lowrank_U, layer.lowrank_V,
+                                      lambda t, module=module: as_matrix(module, t))
+            del module, weight, matrix, factors
         self._wrapped = None                            # new Parameters: the wrapper is rebuilt on next use
         self.transition_step = self.step_count
         self.transition_reason = reason
@@ -222,7 +221,9 @@ class OIALR:
 
     # ------------------------------------------------------------------ reporting
     def summary(self) -> dict[str, Any]:
-        """Phase, step, parameter counts and, per layer, rank and sizes (plain values)."""
+        """Phase, step, parameter counts and, per layer, rank and sizes (plain values). ``dense_share``: the share
+        of the stored parameters outside the weight matrices OIALR converts (their ``U``, ``Σ``, ``V`` after the
+        transition): biases, norms, embeddings and the layers kept dense."""
         layers = {}
         lowrank = self.lowrank_layers()
         for info in self.layer_infos:
@@ -236,6 +237,8 @@ class OIALR:
                 "trainable_params": r * r if factored else m * n,
                 "stored_params": stored_params(m, n, r) if factored else m * n,
             }
+        stored = sum(p.numel() for p in self.model.parameters())
+        converted = sum(layer["stored_params"] for layer in layers.values())
         return {
             "phase": self.phase,
             "step": self.step_count,
@@ -243,12 +246,14 @@ class OIALR:
             "transition_reason": self.transition_reason,
             "trainable_params": trainable_params(self.model),
             "dense_trainable_params": self.dense_trainable_params,
-            "stored_params": sum(p.numel() for p in self.model.parameters()),
+            "stored_params": stored,
+            "dense_share": 1 - converted / stored if stored else 0.0,
             "layers": layers,
         }
 
     def table(self) -> str:
-        """A readable table of every eligible layer: shape, rank, parameters, why a layer stays dense."""
+        """A readable table of every eligible layer (shape, rank, parameters, why a layer stays dense) and of every
+        other module holding parameters (kind ``other``: embeddings, norms, ..., with the reason)."""
         ranks = {name: layer.rank for name, layer in self.lowrank_layers().items()}
         return format_table(self.layer_infos, ranks)
 

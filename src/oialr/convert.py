@@ -6,11 +6,11 @@ from typing import Callable
 
 from torch import nn
 
-from . import linalg
 from .config import OIALRConfig
 from .factorize import Factors, transition_factors
-from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention
-from .targets import MHA_PROJECTIONS, layer_weight
+from .layer_types import dense_type_of
+from .layers import LowRankLayer, LowRankMultiheadAttention
+from .targets import MHA_PROJECTIONS, as_matrix, layer_weight
 
 
 def convert_layer(model: nn.Module, name: str, factors: Factors | None = None, *, rank: int | None = None,
@@ -23,12 +23,12 @@ def convert_layer(model: nn.Module, name: str, factors: Factors | None = None, *
     Parameter object. An ``nn.MultiheadAttention`` is first re-expressed, exactly, as a
     :class:`LowRankMultiheadAttention` whose projections are child modules.
     """
-    _, weight = layer_weight(model, name)
+    module, weight = layer_weight(model, name)
     if factors is None:
         if rank is None and config is None:
             raise ValueError("convert_layer needs factors, a rank or a config")
         try:
-            factors = transition_factors(linalg.matrix_view(weight), config or OIALRConfig(), rank)
+            factors = transition_factors(as_matrix(module, weight), config or OIALRConfig(), rank)
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
     parent_name, _, child = name.rpartition(".")
@@ -37,10 +37,7 @@ def convert_layer(model: nn.Module, name: str, factors: Factors | None = None, *
         parent = LowRankMultiheadAttention.from_torch(parent)
         replace_module(model, parent_name, parent)
     dense = getattr(parent, child)
-    if isinstance(dense, nn.Linear):
-        layer: LowRankLayer = LowRankLinear(*factors, bias=dense.bias)
-    else:
-        layer = LowRankConv(*factors, bias=dense.bias, conv=dense)
+    layer = dense_type_of(dense).build(dense, factors)
     replace_module(model, name, layer)
     return weight, layer
 
