@@ -70,3 +70,32 @@ def test_gpt2_converts_trains_and_keeps_the_tied_head_dense(registered):
         merged = oialr.merge_lowrank(model)
         assert type(merged.transformer.h[0].attn.c_attn) is transformers.pytorch_utils.Conv1D
         torch.testing.assert_close(merged(tokens).logits, factored, atol=1e-5, rtol=1e-5)
+
+
+def test_gpt2_save_pretrained_round_trip_is_exact(registered, tmp_path):
+    torch.manual_seed(0)
+    model = gpt2()
+    tokens = torch.randint(0, 100, (2, 12))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ctl = OIALR(model, opt, OIALRConfig(warmup_steps=1, update_every=1, cutoff=0.2, rank_fraction=0.25))
+    for _ in range(3):
+        loss = model(tokens, labels=tokens).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ctl.step()
+    oialr.save_pretrained(model, str(tmp_path), ctl.config)
+    torch.manual_seed(1)
+    loaded = oialr.from_pretrained(gpt2(), str(tmp_path))
+    assert isinstance(loaded.transformer.h[1].mlp.c_proj, hf_conv1d.LowRankConv1D)
+    assert loaded.transformer.h[1].mlp.c_proj.rank == model.transformer.h[1].mlp.c_proj.rank
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens).logits, model.eval()(tokens).logits)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    compact = oialr.compact_lowrank(model)
+    assert isinstance(compact.transformer.h[0].mlp.c_fc, torch.nn.Sequential)      # two Linear layers
+    oialr.save_pretrained(compact, str(tmp_path / "compact"))
+    torch.manual_seed(2)
+    reloaded = oialr.from_pretrained(gpt2(), str(tmp_path / "compact"))
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, compact(tokens).logits)

@@ -8,7 +8,7 @@ from torch import nn
 
 from .config import OIALRConfig
 from .factorize import Factors, transition_factors
-from .layer_types import dense_type_of
+from .layer_types import dense_type_of, factored_type_of
 from .layers import LowRankLayer, LowRankMultiheadAttention
 from .targets import MHA_PROJECTIONS, as_matrix, layer_weight
 
@@ -69,9 +69,24 @@ def compact_lowrank(model: nn.Module) -> nn.Module:
     ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer`` are merged to dense: these modules read their
     layers' weights themselves (as would a module of yours that reads ``child.weight``: use :func:`merge_lowrank`
     for it). The frozen ``U``, ``V`` and ``Σ`` become ``r·(m + n)`` parameters instead of ``r·(m + n + r)``, and
-    the model no longer needs oialr to run or load.
+    the model no longer needs oialr to run or load. Each two-layer ``nn.Sequential`` carries a plain dict
+    ``oialr_compact`` (kind, matrix shape, rank) that :func:`oialr.save_pretrained` records.
     """
-    return _replace_lowrank(model, lambda layer: layer.to_compact())
+    return _replace_lowrank(model, compact_layer)
+
+
+COMPACT_MARK = "oialr_compact"
+
+
+def compact_layer(layer: LowRankLayer) -> nn.Module:
+    """``layer.to_compact()``; a two-layer result is marked with ``oialr_compact = {"kind", "matrix_shape",
+    "rank"}`` (a plain attribute: the module stays plain torch)."""
+    compact = layer.to_compact()
+    entry = factored_type_of(layer)
+    if isinstance(compact, nn.Sequential) and entry is not None:
+        setattr(compact, COMPACT_MARK, {"kind": entry.kind, "matrix_shape": list(layer.matrix_shape),
+                                        "rank": layer.rank})
+    return compact
 
 
 # torch modules that read their layers' weights themselves (fused fast paths): their factored layers merge to dense
