@@ -308,7 +308,8 @@ def test_cli_under_torchrun(data_dir, tmp_path):
     assert results["world_size"] == 2 and results["steps"] == 2 * 31
     names = {p.name for p in out.iterdir()}             # written once, by rank 0 (no temporary files left)
     assert names - {"curves.png", "ranks.png", "tensorboard"} == {
-        "checkpoint.pt", "metrics.csv", "metrics.jsonl", "model.pt", "results.json"}
+        "checkpoint.pt", "compact", "metrics.csv", "metrics.jsonl", "model", "results.json"}
+    assert {p.name for p in (out / "model").iterdir()} == {"model.safetensors", "oialr_config.json"}
     assert "tensorboard" not in names or len(list((out / "tensorboard").iterdir())) == 1
     assert proc.stdout.count("epoch   1/2") == 1 and proc.stdout.count("done: top1") == 1, proc.stdout
 

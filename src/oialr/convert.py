@@ -78,10 +78,10 @@ def compact_lowrank(model: nn.Module) -> nn.Module:
 COMPACT_MARK = "oialr_compact"
 
 
-def compact_layer(layer: LowRankLayer) -> nn.Module:
-    """``layer.to_compact()``; a two-layer result is marked with ``oialr_compact = {"kind", "matrix_shape",
-    "rank"}`` (a plain attribute: the module stays plain torch)."""
-    compact = layer.to_compact()
+def compact_layer(layer: LowRankLayer, two_layers: bool = False) -> nn.Module:
+    """``layer.to_compact()`` (``layer.to_two_layers()`` with ``two_layers``); a two-layer result is marked with
+    ``oialr_compact = {"kind", "matrix_shape", "rank"}`` (a plain attribute: the module stays plain torch)."""
+    compact = layer.to_two_layers() if two_layers else layer.to_compact()
     entry = factored_type_of(layer)
     if isinstance(compact, nn.Sequential) and entry is not None:
         setattr(compact, COMPACT_MARK, {"kind": entry.kind, "matrix_shape": list(layer.matrix_shape),

@@ -54,7 +54,7 @@ def plan(model: nn.Module, entries: list[dict[str, Any]]) -> dict[str, nn.Module
         if found_kind != kind or shape != (m, n):
             raise ValueError(f"layer {name!r}: {saved}, but the model holds a {found_kind} layer {shape[0]}x"
                              f"{shape[1]}; build the model with the saved architecture")
-        if not 1 <= r <= min(m, n) or (entry["form"] == COMPACT and r * (m + n) >= m * n):
+        if not 1 <= r <= min(m, n):
             raise ValueError(f"layer {name!r}: saved rank {r} is impossible for a {entry['form']} {m}x{n} layer")
         factors = Factors(weight.new_zeros(m, r), weight.new_zeros(r, r), weight.new_zeros(n, r))
         parent_name, _, child = name.rpartition(".")
@@ -65,7 +65,7 @@ def plan(model: nn.Module, entries: list[dict[str, Any]]) -> dict[str, nn.Module
             setattr(attention, child, layer_type("linear").build(getattr(attention, child), factors))
             continue
         layer = layer_type("linear" if kind == "attention" else kind).build(module, factors)
-        built[name] = layer if entry["form"] == FACTORED else compact_layer(layer)
+        built[name] = layer if entry["form"] == FACTORED else compact_layer(layer, two_layers=True)
     return built
 
 

@@ -49,7 +49,8 @@ class TrainingRun:
 
     Files in ``out``: ``checkpoint.pt`` (every epoch, every ``eval_every`` steps and on interrupt),
     ``metrics.jsonl``/``metrics.csv`` (one row per evaluation: every epoch, and every ``eval_every`` steps),
-    ``results.json`` and the plots (at the end), TensorBoard events when tensorboard is installed.
+    ``results.json``, ``model/`` and ``compact/`` (safetensors, :func:`oialr.save_pretrained`) and the plots (at the
+    end), TensorBoard events when tensorboard is installed.
 
     Under ``torch.distributed`` every process runs this with the same settings: each trains on its shard of every
     global batch (``batch_size / world_size`` samples) through DDP, sums of metrics are all-reduced, and rank 0
@@ -301,7 +302,8 @@ class TrainingRun:
             "config": self.cfg.to_dict(),
         }
         if self.rank == 0:
-            self.files.final(results, self.metrics, self.model, compact, self.tracker, self.log)
+            self.files.final(results, self.metrics, self.model, compact, self.tracker, self.log,
+                             self.controller.config if isinstance(self.controller, OIALR) else None)
         distributed.barrier()
         return results
 

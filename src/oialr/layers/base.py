@@ -122,8 +122,11 @@ class LowRankLayer(nn.Module):
         """The plain-torch form storing the fewest parameters: two layers, ``Σ Vᵀ (r×n)`` then ``U (m×r)`` (and the
         bias), when ``r·(m + n) < m·n``; else :meth:`to_dense`. Same function as this layer."""
         m, n = self.matrix_shape
-        if self.rank * (m + n) >= m * n:
-            return self.to_dense()
+        return self.to_dense() if self.rank * (m + n) >= m * n else self.to_two_layers()
+
+    def to_two_layers(self) -> nn.Sequential:
+        """Two plain layers of the original type, ``Σ Vᵀ (r×n)`` then ``U (m×r)`` and the bias, whatever their
+        size (:meth:`to_compact` uses them where they are smaller than the dense layer)."""
         trains = self.lowrank_S.requires_grad
         with torch.no_grad():
             first = nn.Parameter((self.lowrank_S @ self.lowrank_V.mT).contiguous(), requires_grad=trains)
