@@ -72,7 +72,7 @@ def test_gpt2_converts_trains_and_keeps_the_tied_head_dense(registered):
         torch.testing.assert_close(merged(tokens).logits, factored, atol=1e-5, rtol=1e-5)
 
 
-def test_gpt2_save_pretrained_round_trip_is_exact(registered, tmp_path):
+def test_gpt2_save_pretrained_round_trip_is_exact(registered, tmp_path, monkeypatch):
     torch.manual_seed(0)
     model = gpt2()
     tokens = torch.randint(0, 100, (2, 12))
@@ -92,6 +92,12 @@ def test_gpt2_save_pretrained_round_trip_is_exact(registered, tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(tokens).logits, model.eval()(tokens).logits)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight
+    monkeypatch.setattr(layer_types, "_REGISTRY", {k: v for k, v in layer_types._REGISTRY.items() if k != "hf_conv1d"})
+    with pytest.raises(ValueError, match=r"layer 'transformer.h.0.attn.c_attn': saved as a factored hf_conv1d layer "
+                       r"192x64 of rank \d+, but layer type 'hf_conv1d' is not registered .*"
+                       r"oialr.integrations.hf_conv1d.register\(\)"):
+        oialr.from_pretrained(gpt2(), str(tmp_path))
+    monkeypatch.setattr(layer_types, "_REGISTRY", {**layer_types._REGISTRY, "hf_conv1d": hf_conv1d.CONV1D})
     compact = oialr.compact_lowrank(model)
     assert isinstance(compact.transformer.h[0].mlp.c_fc, torch.nn.Sequential)      # two Linear layers
     oialr.save_pretrained(compact, str(tmp_path / "compact"))

@@ -43,6 +43,10 @@ def plan(model: nn.Module, entries: list[dict[str, Any]]) -> dict[str, nn.Module
     for entry in entries:
         name, kind, (m, n), r = entry["name"], entry["kind"], entry["matrix_shape"], entry["rank"]
         saved = f"saved as a {entry['form']} {kind} layer {m}x{n} of rank {r}"
+        try:
+            builder = layer_type("linear" if kind == "attention" else kind)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {saved}, but {err}") from None
         if name not in found:
             raise ValueError(f"layer {name!r}: {saved}, but the model has no {kind} layer of that name "
                              f"(found {_what_is_at(model, name)}); build the model with the saved architecture")
@@ -62,9 +66,9 @@ def plan(model: nn.Module, entries: list[dict[str, Any]]) -> dict[str, nn.Module
             if entry["form"] != FACTORED:
                 raise ValueError(f"layer {name!r}: an attention projection cannot be saved in compact form")
             attention = built.setdefault(parent_name, LowRankMultiheadAttention.from_torch(module))
-            setattr(attention, child, layer_type("linear").build(getattr(attention, child), factors))
+            setattr(attention, child, builder.build(getattr(attention, child), factors))
             continue
-        layer = layer_type("linear" if kind == "attention" else kind).build(module, factors)
+        layer = builder.build(module, factors)
         built[name] = layer if entry["form"] == FACTORED else compact_layer(layer, two_layers=True)
     return built
 
