@@ -127,13 +127,27 @@ def test_interrupt_then_resume_is_exact(data_dir, tmp_path, monkeypatch):
         assert k1 == k2 and torch.equal(v1, v2), k1
 
 
+HALF = {"warmup_steps": 0.5, "update_every": 7, "cutoff": 0.2}      # the warm-up ends half-way through the run
+
+
+def test_warmup_longer_than_the_run_is_refused_or_given_as_a_fraction(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"^oialr.warmup_steps=20 is not reached before the run ends: 1 epochs x 15 "
+                                          r"steps = 15 optimizer steps, so OIALR would train full-rank throughout; "
+                                          r"give fewer steps, a fraction of the run \(--set oialr.warmup_steps=0.2\)"):
+        cli_run.start_or_resume(tiny(data_dir, epochs=1), str(tmp_path / "long"), False, log=lambda *a: None)
+    assert not os.path.exists(tmp_path / "long" / "checkpoint.pt")
+    cfg = build_config(tiny(data_dir, epochs=1).to_dict(), ["oialr.warmup_steps=0.2"])
+    results = cli_run.start_or_resume(cfg, str(tmp_path / "fraction"), False, log=lambda *a: None).train()
+    assert results["transition_step"] == 3 and results["transition_reason"] == "warmup_steps=3 reached"   # 0.2 · 15
+
+
 def test_resume_refuses_other_settings_and_fresh_run_refuses_existing(data_dir, tmp_path):
     out = str(tmp_path / "c")
-    cli_run.start_or_resume(tiny(data_dir, epochs=1), out, False, log=lambda *a: None).train()
+    cli_run.start_or_resume(tiny(data_dir, epochs=1, oialr=HALF), out, False, log=lambda *a: None).train()
     with pytest.raises(ConfigError, match="already holds a run"):
-        cli_run.start_or_resume(tiny(data_dir, epochs=1), out, False)
+        cli_run.start_or_resume(tiny(data_dir, epochs=1, oialr=HALF), out, False)
     with pytest.raises(ConfigError, match="epochs: saved 1, given 2"):
-        cli_run.start_or_resume(tiny(data_dir, epochs=2), out, True)
+        cli_run.start_or_resume(tiny(data_dir, epochs=2, oialr=HALF), out, True)
     with pytest.raises(ConfigError, match="nothing to resume"):
         cli_run.start_or_resume(None, str(tmp_path / "none"), True)
 
@@ -153,7 +167,7 @@ def test_bad_settings_exit_2(tmp_path, capsys):
 
 def test_compare_table(data_dir, tmp_path, capsys):
     out = str(tmp_path / "cmp")
-    cli_run.start_or_resume(tiny(data_dir, epochs=1), out, False, log=lambda *a: None).train()
+    cli_run.start_or_resume(tiny(data_dir, epochs=1, oialr=HALF), out, False, log=lambda *a: None).train()
     assert main(["compare", out, out]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| run | method | model | top1") and len(lines) == 4

@@ -301,7 +301,7 @@ def test_cli_under_torchrun(data_dir, tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "oialr",
            "train", "--dataset", "mnist1d", "--data-dir", data_dir, "--model", "mlp", "--epochs", "2",
-           "--set", "model_args.width=32", "--set", "threads=1", "--out", str(out)]
+           "--set", "oialr.warmup_steps=0.5", "--set", "model_args.width=32", "--set", "threads=1", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.load(open(out / "results.json"))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from . import distributed, optim_state
-from ._checks import check_state_version, warn
+from ._checks import check_state_version, is_int, warn
 from .auto_transition import PlateauRule
 from .config import OIALRConfig
 from .convert import convert_layer
@@ -53,10 +53,14 @@ class OIALR:
     ``tracker``: with ``warmup_steps="auto"``, a :class:`oialr.StabilityTracker` you already step (before
     ``ctl.step()``) to record stability for the whole run; the transition then reads its samples of the layers to
     convert instead of sampling them a second time. It must sample at ``config.auto``'s ``every`` and ``lag``.
+
+    ``total_steps``: the run's optimizer steps, when known. Needed for ``warmup_steps`` given as a fraction of the
+    run; a run that reaches it still in the full-rank warm-up gets one warning.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: OIALRConfig | None = None, *,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None, tracker: StabilityTracker | None = None):
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, tracker: StabilityTracker | None = None,
+                 total_steps: int | None = None):
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             raise TypeError(f"model is a {type(model).__name__} wrapper, whose gradient sync would miss the Σ "
                             "Parameters OIALR creates; pass the bare module and let the controller (re)build the "
@@ -74,6 +78,11 @@ class OIALR:
         self.config = config if config is not None else OIALRConfig()
         if not isinstance(self.config, OIALRConfig):
             raise TypeError(f"config must be an OIALRConfig, got {type(self.config).__name__}")
+        if total_steps is not None and not (is_int(total_steps) and total_steps >= 1):
+            raise ValueError(f"total_steps must be an integer >= 1 (the run's optimizer steps) or None, got "
+                             f"{total_steps!r}")
+        self.total_steps = total_steps
+        self.warmup_steps = self.config.warmup_for(total_steps)     # steps, or "auto"
         self.layer_infos: list[LayerInfo] = find_layers(model, self.config)
         self.targets = [info.name for info in self.layer_infos if info.convert]
         if not self.targets:
@@ -88,12 +97,12 @@ class OIALR:
         self.transition_reason: str | None = None
         self._warned_optimizer = False
         self.tracker, self._own_tracker, self.rule = None, False, None
-        if self.config.warmup_steps == "auto":
+        if self.warmup_steps == "auto":
             self.tracker, self._own_tracker = self._auto_tracker(tracker), tracker is None
             self.rule = PlateauRule.from_settings(self.config.auto)
         elif tracker is not None:
             raise ValueError("tracker is read only with warmup_steps=\"auto\"; leave it out")
-        if self.config.warmup_steps == 0:
+        if self.warmup_steps == 0:
             self.transition("warmup_steps=0: converted when the controller was built")
 
     def _auto_tracker(self, given: StabilityTracker | None) -> StabilityTracker:
@@ -131,14 +140,17 @@ class OIALR:
             reason = self._warmup_over()
             if reason:
                 self.transition(reason)
+            elif self.step_count == self.total_steps:
+                warn(f"OIALR: the run ends (step {self.step_count} of total_steps={self.total_steps}) still in the "
+                     f"full-rank warm-up (warmup_steps={self.config.warmup_steps!r}): no layer was converted; give a "
+                     "smaller warmup_steps, e.g. a fraction of the run such as 0.2")
         elif (self.step_count - self.transition_step) % self.config.update_every == 0:
             self.update_bases()
 
     def _warmup_over(self) -> str | None:
         """Why the full-rank phase ends at this step, or None if it goes on."""
         if self.rule is None:
-            return f"warmup_steps={self.config.warmup_steps} reached" \
-                if self.step_count >= self.config.warmup_steps else None
+            return f"warmup_steps={self.warmup_steps} reached" if self.step_count >= self.warmup_steps else None
         record = self.tracker.step() if self._own_tracker else self._given_tracker_record()
         if record is None:
             return None
