@@ -223,14 +223,15 @@ def _compiled_worker(rank, world, init_file, out):
 
 
 def test_compiled_ddp_trains_as_one_eager_process(tmp_path):
-    """``torch.compile`` over DDP (recompiled at the transition and at each rank change) in 2 processes follows
+    """``torch.compile`` over DDP (recompiled at the transition; rank changes reuse the graph) in 2 processes follows
     the same losses and ranks as one eager process, the factors identical on both processes at every step."""
     _spawn(_compiled_worker, str(tmp_path / "init"), str(tmp_path))
     logs = [torch.load(tmp_path / f"compiled{r}.pt", weights_only=True) for r in (0, 1)]
     _, eager = _train(1, 0, None)
     assert logs[0]["ranks"] == logs[1]["ranks"] == eager["ranks"]
     assert all(logs[0]["agree"]) and all(logs[1]["agree"])
-    assert logs[0]["graphs"] >= logs[0]["wraps"] >= 3          # compiled again after each shape change
+    assert logs[0]["wraps"] >= 3                                # the wrapper is rebuilt after each shape change,
+    assert logs[0]["graphs"] == 2                               # but dense and factored are the only graphs
     assert logs[0]["losses"] == pytest.approx(eager["losses"], rel=1e-5)
 
 

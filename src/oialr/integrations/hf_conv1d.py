@@ -10,7 +10,7 @@ from ..layers import LowRankLinear
 
 try:
     from transformers.pytorch_utils import Conv1D
-except ImportError as err:          # pragma: no cover - exercised only without transformers
+except ImportError as err:
     raise ImportError("oialr.integrations.hf_conv1d needs transformers: pip install oialr[hf]") from err
 
 
