@@ -6,15 +6,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import distributed, linalg, optim_state
-from ._checks import check_state_version, warn
+from . import distributed, optim_state
+from ._checks import check_state_version, is_int, warn
 from .auto_transition import PlateauRule
 from .config import OIALRConfig
 from .convert import convert_layer
 from .factorize import BasisUpdate, Factors, basis_update, placeholder_factors, stored_params, transition_factors
 from .layers import LowRankLayer
 from .stability import StabilityTracker
-from .targets import SUPPORTED, LayerInfo, find_layers, format_table, layer_weight, trainable_params
+from .targets import LayerInfo, as_matrix, find_layers, format_table, layer_weight, no_target_message, trainable_params
 from .warmup import WarmupEnd
 from .wrapper import Rewrapped
 
@@ -55,10 +55,14 @@ class OIALR:
     ``tracker``: with ``warmup_steps="auto"``, a :class:`oialr.StabilityTracker` you already step (before
     ``ctl.step()``) to record stability for the whole run; the transition then reads its samples of the layers to
     convert instead of sampling them a second time. It must sample at ``config.auto``'s ``every`` and ``lag``.
+
+    ``total_steps``: the run's optimizer steps, when known. Needed for ``warmup_steps`` given as a fraction of the
+    run; a run that reaches it still in the full-rank warm-up gets one warning.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: OIALRConfig | None = None, *,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None, tracker: StabilityTracker | None = None):
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, tracker: StabilityTracker | None = None,
+                 total_steps: int | None = None):
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             raise TypeError(f"model is a {type(model).__name__} wrapper, whose gradient sync would miss the Σ "
                             "Parameters OIALR creates; pass the bare module and let the controller (re)build the "
@@ -74,12 +78,15 @@ class OIALR:
         self.config = config if config is not None else OIALRConfig()
         if not isinstance(self.config, OIALRConfig):
             raise TypeError(f"config must be an OIALRConfig, got {type(self.config).__name__}")
+        if total_steps is not None and not (is_int(total_steps) and total_steps >= 1):
+            raise ValueError(f"total_steps must be an integer >= 1 (the run's optimizer steps) or None, got "
+                             f"{total_steps!r}")
+        self.total_steps = total_steps
+        self.warmup_steps = self.config.warmup_for(total_steps)     # steps, or "auto"
         self.layer_infos: list[LayerInfo] = find_layers(model, self.config)
         self.targets = [info.name for info in self.layer_infos if info.convert]
         if not self.targets:
-            found = "\n".join(f"  {i.name} ({i.kind} {i.shape[0]}x{i.shape[1]}): {i.reason}" for i in self.layer_infos)
-            raise ValueError(f"no layer of the model can be converted; OIALR converts {SUPPORTED}.\n"
-                             + (f"Layers found and why they stay dense:\n{found}" if found else "None was found."))
+            raise ValueError(no_target_message(model, self.layer_infos))
         for name in self.targets:
             if optim_state.find_group(optimizer, layer_weight(model, name)[1]) is None:
                 raise ValueError(f"the weight of layer {name!r} trains (requires_grad=True) but is not in the "
@@ -89,8 +96,8 @@ class OIALR:
         self.transition_step: int | None = None
         self.transition_reason: str | None = None
         self._warned_optimizer = False
-        self.warmup = WarmupEnd(model, self.config, self.targets, tracker)
-        if self.config.warmup_steps == 0:
+        self.warmup = WarmupEnd(model, self.config, self.targets, tracker, steps=self.warmup_steps)
+        if self.warmup_steps == 0:
             self.transition("warmup_steps=0: converted when the controller was built")
 
     # ------------------------------------------------------------------ schedule
@@ -122,6 +129,10 @@ class OIALR:
             reason = self.warmup.reason(self.step_count, self.targets)
             if reason:
                 self.transition(reason)
+            elif self.step_count == self.total_steps:
+                warn(f"OIALR: the run ends (step {self.step_count} of total_steps={self.total_steps}) still in the "
+                     f"full-rank warm-up (warmup_steps={self.config.warmup_steps!r}): no layer was converted; give a "
+                     "smaller warmup_steps, e.g. a fraction of the run such as 0.2")
         elif (self.step_count - self.transition_step) % self.config.update_every == 0:
             self.update_bases()
 
@@ -140,16 +151,17 @@ class OIALR:
         layer's SVD."""
         self._warn_unknown_optimizer()
         for name in self.targets:
-            _, weight = layer_weight(self.model, name)
-            matrix = linalg.matrix_view(weight)
+            module, weight = layer_weight(self.model, name)
+            matrix = as_matrix(module, weight)
             if ranks is not None:
                 factors = placeholder_factors(*matrix.shape, ranks[name], like=weight)
             else:                                       # process 0's SVD, adopted by every process
                 factors = transition_factors(matrix, self.config) if distributed.is_source() else None
                 factors = distributed.broadcast_factors(factors, matrix.shape, like=weight)
-            _, layer = convert_layer(self.model, name, factors)
-            optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S, layer.lowrank_U, layer.lowrank_V)
-            del weight, matrix, factors
+            layer = convert_layer(self.model, name, factors)[1]
+            optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S, layer.lowrank_U, layer.lowrank_V,
+                                      lambda t, module=module: as_matrix(module, t))
+            del module, weight, matrix, factors
         self._wrapper.invalidate()                      # new Parameters: the wrapper is rebuilt on next use
         self.transition_step = self.step_count
         self.transition_reason = reason
@@ -197,7 +209,9 @@ class OIALR:
 
     # ------------------------------------------------------------------ reporting
     def summary(self) -> dict[str, Any]:
-        """Phase, step, parameter counts and, per layer, rank and sizes (plain values)."""
+        """Phase, step, parameter counts and, per layer, rank and sizes (plain values). ``dense_share``: the share
+        of the stored parameters outside the weight matrices OIALR converts (their ``U``, ``Σ``, ``V`` after the
+        transition): biases, norms, embeddings and the layers kept dense."""
         layers = {}
         lowrank = self.lowrank_layers()
         for info in self.layer_infos:
@@ -211,6 +225,8 @@ class OIALR:
                 "trainable_params": r * r if factored else m * n,
                 "stored_params": stored_params(m, n, r) if factored else m * n,
             }
+        stored = sum(p.numel() for p in self.model.parameters())
+        converted = sum(layer["stored_params"] for layer in layers.values())
         return {
             "phase": self.phase,
             "step": self.step_count,
@@ -218,12 +234,14 @@ class OIALR:
             "transition_reason": self.transition_reason,
             "trainable_params": trainable_params(self.model),
             "dense_trainable_params": self.dense_trainable_params,
-            "stored_params": sum(p.numel() for p in self.model.parameters()),
+            "stored_params": stored,
+            "dense_share": 1 - converted / stored if stored else 0.0,
             "layers": layers,
         }
 
     def table(self) -> str:
-        """A readable table of every eligible layer: shape, rank, parameters, why a layer stays dense."""
+        """A readable table of every eligible layer (shape, rank, parameters, why a layer stays dense) and of every
+        other module holding parameters (kind ``other``: embeddings, norms, ..., with the reason)."""
         ranks = {name: layer.rank for name, layer in self.lowrank_layers().items()}
         return format_table(self.layer_infos, ranks)
 

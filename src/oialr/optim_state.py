@@ -23,8 +23,12 @@ Basis update (``Σ = u diag(s) vᵀ``; new coordinates ``Σ' = uᵀ Σ v``, grad
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
+
+from . import linalg
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str | None:
@@ -58,13 +62,15 @@ def swap_param(optimizer: torch.optim.Optimizer, old: Tensor, *new: nn.Parameter
 
 
 @torch.no_grad()
-def enter_lowrank(optimizer: torch.optim.Optimizer, weight: Tensor, S: nn.Parameter, U: Tensor, V: Tensor) -> None:
+def enter_lowrank(optimizer: torch.optim.Optimizer, weight: Tensor, S: nn.Parameter, U: Tensor, V: Tensor,
+                  as_matrix: Callable[[Tensor], Tensor] = linalg.matrix_view) -> None:
     """Transition: ``S`` replaces ``weight`` in the optimizer, with the state described in the module docstring
-    (SGD's momentum projected in float64)."""
+    (SGD's momentum, shaped like ``weight`` and seen as the ``m×n`` matrix by ``as_matrix``, projected in
+    float64)."""
     old_state = swap_param(optimizer, weight, S)
     if optimizer_kind(optimizer) == "sgd" and old_state.get("momentum_buffer") is not None:
         U, V = U.double(), V.double()
-        buf = old_state["momentum_buffer"].reshape(U.shape[0], V.shape[0]).double()
+        buf = as_matrix(old_state["momentum_buffer"]).double()
         optimizer.state[S] = {"momentum_buffer": (U.mT @ buf @ V).to(S.dtype)}
 
 

@@ -49,7 +49,8 @@ class TrainingRun:
 
     Files in ``out``: ``checkpoint.pt`` (every epoch, every ``eval_every`` steps and on interrupt),
     ``metrics.jsonl``/``metrics.csv`` (one row per evaluation: every epoch, and every ``eval_every`` steps),
-    ``results.json`` and the plots (at the end), TensorBoard events when tensorboard is installed.
+    ``results.json``, ``model/`` and ``compact/`` (safetensors, :func:`oialr.save_pretrained`) and the plots (at the
+    end), TensorBoard events when tensorboard is installed.
 
     Under ``torch.distributed`` every process runs this with the same settings: each trains on its shard of every
     global batch (``batch_size / world_size`` samples) through DDP, sums of metrics are all-reduced, and rank 0
@@ -95,16 +96,22 @@ class TrainingRun:
             wrap = _compiled(wrap)
         self.tracker = None if cfg.stability_every is None or self.rank != 0 else StabilityTracker(
             self.model, every=cfg.stability_every, cutoff=cfg.oialr.cutoff, mixing=True, lag=cfg.stability_lag)
-        auto = cfg.oialr.warmup_steps == "auto"         # its transition reads the run's series when there is one
-        self.controller = OIALR(self.model, self.optimizer, cfg.oialr, wrap=wrap,
-                                tracker=self.tracker if auto else None) if cfg.method == "oialr" \
-            else peer_controller(cfg, self.model, self.optimizer, wrap)
-        self._net = self.model if wrap is None or self.controller is not None else wrap(self.model)
         self.train_loader, self.test_loader = tasks.make_loaders(self.data, cfg, self.rank, self.world_size)
         if len(self.train_loader) == 0:
             raise ConfigError(f"the training split has {self.train_loader.num_samples} samples per process, fewer "
                               f"than one batch of {cfg.batch_size // self.world_size}; use a smaller batch_size")
         self.total_steps = cfg.epochs * len(self.train_loader)
+        warmup = cfg.oialr.warmup_for(self.total_steps)
+        if cfg.method == "oialr" and warmup != "auto" and warmup >= self.total_steps:
+            raise ConfigError(f"oialr.warmup_steps={warmup} is not reached before the run ends: {cfg.epochs} epochs "
+                              f"x {len(self.train_loader)} steps = {self.total_steps} optimizer steps, so OIALR would "
+                              "train full-rank throughout; give fewer steps, a fraction of the run (--set "
+                              "oialr.warmup_steps=0.2) or more epochs")
+        auto = warmup == "auto"                         # its transition reads the run's series when there is one
+        self.controller = OIALR(self.model, self.optimizer, cfg.oialr, wrap=wrap, total_steps=self.total_steps,
+                                tracker=self.tracker if auto else None) if cfg.method == "oialr" \
+            else peer_controller(cfg, self.model, self.optimizer, wrap)
+        self._net = self.model if wrap is None or self.controller is not None else wrap(self.model)
         self.lr_warmup_steps = round(cfg.lr_warmup_epochs * len(self.train_loader))
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
@@ -301,7 +308,8 @@ class TrainingRun:
             "config": self.cfg.to_dict(),
         }
         if self.rank == 0:
-            self.files.final(results, self.metrics, self.model, compact, self.tracker, self.log)
+            self.files.final(results, self.metrics, self.model, compact, self.tracker, self.log,
+                             self.controller.config if isinstance(self.controller, OIALR) else None)
         distributed.barrier()
         return results
 
