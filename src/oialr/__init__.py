@@ -4,6 +4,7 @@ from .auto_transition import AutoTransition, PlateauRule
 from .config import OIALRConfig
 from .controller import OIALR
 from .convert import compact_lowrank, merge_lowrank
+from .health import DegenerateStateError
 from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention, force_path
 from .stability import StabilityTracker, basis_stability
 from .targets import find_layers, format_table
@@ -14,6 +15,7 @@ __all__ = [
     "OIALR",
     "OIALRConfig",
     "AutoTransition",
+    "DegenerateStateError",
     "LowRankLayer",
     "LowRankLinear",
     "LowRankConv",

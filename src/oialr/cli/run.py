@@ -16,11 +16,13 @@ from torch import nn
 
 from .. import OIALR, StabilityTracker, compact_lowrank, distributed, files
 from . import tasks
-from .settings import ConfigError, TrainConfig, build_config
+from .checkpoint import read_checkpoint, resumed_config
+from .settings import ConfigError, TrainConfig
 from .data import load_dataset
 from .methods import build_optimizer, peer_controller
 from .models import build_model
 from .reporting import RunFiles, optimizer_state_params, param_stats, progress
+from .run_folder import RunFolder
 
 CHECKPOINT = "checkpoint.pt"
 STOP_POLL_EVERY = 10    # distributed: all-reduce the stop flag every this many steps (each poll syncs the device)
@@ -68,6 +70,7 @@ class TrainingRun:
         self.phase_samples = {phase: 0 for phase in tasks.PHASES}     # for text) in each phase, all processes
         self.metrics: list[dict] = []
         self._stop_signal: int | None = None
+        self.folder: RunFolder | None = None      # rank 0's claim on ``out``, released when train() ends
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -152,20 +155,26 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ training
     def train(self) -> dict[str, Any]:
-        """Train the remaining epochs; returns the results dict (also written to ``out/results.json``)."""
-        text = tasks.is_text(self.data)
-        self.files = RunFiles(self.out, x_key="step" if text else "epoch", first=self.step if text else self.epoch)
-        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        """Train the remaining epochs; returns the results dict (also written to ``out/results.json``). The claim
+        on ``out`` is released when this returns or raises."""
         try:
-            while self.epoch < self.cfg.epochs:
-                self._train_epoch()
-                self.epoch += 1
-                self.batch_in_epoch = 0
-                self._record()
+            text = tasks.is_text(self.data)
+            self.files = RunFiles(self.out, x_key="step" if text else "epoch",
+                                  first=self.step if text else self.epoch)
+            previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                while self.epoch < self.cfg.epochs:
+                    self._train_epoch()
+                    self.epoch += 1
+                    self.batch_in_epoch = 0
+                    self._record()
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+            return self.results()
         finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        return self.results()
+            if self.folder is not None:
+                self.folder.release()
 
     def _request_stop(self, signum, frame) -> None:
         if self._stop_signal is not None:          # a second Ctrl-C: stop at once
@@ -311,10 +320,26 @@ def _compiled(wrap):
     return lambda model: torch.compile(model if wrap is None else wrap(model))
 
 
-def start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, *, log=print) -> TrainingRun:
+def start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, *, log=print,
+                    given: set[str] | None = None) -> TrainingRun:
     """A ready :class:`TrainingRun`: new (``out`` must not hold one) or restored from ``out/checkpoint.pt``.
 
-    On resume the saved config is used; ``cfg`` (when given) must equal it."""
+    On resume the saved config is used; ``cfg`` (when given) must agree with it on every setting, or on those named
+    in ``given`` (the ones the user set: :func:`oialr.cli.settings.given_settings`). Process 0 first claims ``out``
+    (:class:`RunFolder`: writable, not in use by another run); the claim is held until :meth:`TrainingRun.train`
+    ends."""
+    folder = RunFolder(out).claim() if distributed.process_rank() == 0 else None
+    try:
+        run = _start_or_resume(cfg, out, resume, log, given)
+    except BaseException:
+        if folder is not None:
+            folder.release()
+        raise
+    run.folder = folder
+    return run
+
+
+def _start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, log, given: set[str] | None) -> TrainingRun:
     path = os.path.join(out, CHECKPOINT)
     if not resume:
         if os.path.exists(path):
@@ -325,16 +350,15 @@ def start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, *, log=prin
         return run
     if not os.path.exists(path):
         raise ConfigError(f"nothing to resume: {path} does not exist; start the run without --resume")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = build_config(state["config"])
-    if cfg is not None and cfg != saved:
-        diffs = [f"{k}: saved {v!r}, given {cfg.to_dict()[k]!r}" for k, v in saved.to_dict().items()
-                 if cfg.to_dict()[k] != v]
-        raise ConfigError("--resume continues the saved run; its settings differ from the ones given:\n  "
-                          + "\n  ".join(diffs))
+    state = read_checkpoint(path)
+    saved = resumed_config(state, path, cfg, given)
     run = TrainingRun(saved, out, log=log)
     run.setup()
-    run.load_checkpoint(state)
+    try:
+        run.load_checkpoint(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"{path} does not fit the run its settings describe ({type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0][:200]}); restore the file or start a new run") from None
     run.log(f"resumed {out} at epoch {run.epoch}, step {run.step}")
     return run
 
