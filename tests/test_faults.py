@@ -18,7 +18,7 @@ from oialr import files
 from oialr.cli import run as cli_run
 from oialr.cli import run_folder
 from oialr.cli.main import main
-from oialr.cli.settings import build_config
+from oialr.cli.settings import ConfigError, build_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(HERE, "..", "src"), HERE])}
@@ -76,6 +76,12 @@ def test_unknown_or_ill_typed_model_args_are_refused_with_the_accepted_ones(data
     assert one_line_error(capsys) == ("oialr: error: model_args.width must be an integer >= 1, got 'wide'; "
                                       "model_args.depth must be an integer >= 1, got 0")
     assert os.listdir(tmp_path / "r") == []
+
+
+def test_dist_timeout_is_a_positive_number_of_seconds():
+    with pytest.raises(ConfigError, match=r"dist_timeout must be a number in \(0, 86400\), got 0"):
+        build_config(None, ["dist_timeout=0"])
+    assert build_config(None, ["dist_timeout=2.5"]).dist_timeout == 2.5
 
 
 def test_an_impossible_or_read_only_out_is_refused_before_any_work(data_dir, tmp_path, capsys, monkeypatch):
@@ -192,7 +198,8 @@ def test_resume_lists_only_the_settings_the_user_gave(data_dir, tmp_path, capsys
     assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--set", "dist_timeout=60"]) == 2
     assert capsys.readouterr().err == ("oialr: error: --resume continues the saved run; its settings differ from the "
                                        "ones given:\n  epochs: saved 1, given 2\n")
-    assert main(["train", "--out", str(out), "--resume", "--epochs", "1", "--set", "oialr.cutoff=0.3"]) == 0
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "1", "--set", "oialr.cutoff=0.3",
+                 "--set", "dist_timeout=60"]) == 0                  # a launch setting: not compared
 
 
 def test_orphan_temporary_files_are_removed_when_a_run_claims_its_folder(tmp_path):
