@@ -167,23 +167,25 @@ class TrainingRun:
         """Train the remaining epochs; returns the results dict (also written to ``out/results.json``). The claim
         on ``out`` is released when this returns or raises."""
         try:
-            text = tasks.is_text(self.data)
-            self.files = RunFiles(self.out, x_key="step" if text else "epoch",
-                                  first=self.step if text else self.epoch)
-            previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-            try:
-                while self.epoch < self.cfg.epochs:
-                    self._train_epoch()
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                    self._record()
-            finally:
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-            return self.results()
+            return self._train()
         finally:
             if self.folder is not None:
                 self.folder.release()
+
+    def _train(self) -> dict[str, Any]:
+        text = tasks.is_text(self.data)
+        self.files = RunFiles(self.out, x_key="step" if text else "epoch", first=self.step if text else self.epoch)
+        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.epoch < self.cfg.epochs:
+                self._train_epoch()
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                self._record()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return self.results()
 
     def _request_stop(self, signum, frame) -> None:
         if self._stop_signal is not None:          # a second Ctrl-C: stop at once
