@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from oialr import files
+from oialr import OIALR, DegenerateStateError, OIALRConfig, files
 from oialr.cli import run as cli_run
 from oialr.cli import run_folder
 from oialr.cli.main import main
@@ -230,6 +230,7 @@ def test_kill_9_mid_write_and_sigterm_mid_epoch_then_resume_bit_exact(data_dir, 
     out = tmp_path / "killed"
     proc = _launch(data_dir, out, ("KILL_IN_WRITE", "2", "0"))           # in the write of step 10
     assert proc.returncode == -signal.SIGKILL and checkpoint_step(out) == 5 and len(orphans(out)) == 1
+    assert run_folder.LOCK in os.listdir(out)                 # the dead run's lock file; its flock died with it
     proc = _launch(data_dir, out, ("TERM", "17", "0"), "--resume")
     assert proc.returncode == 128 + signal.SIGTERM and "checkpoint saved" in proc.stderr, proc.stderr
     assert checkpoint_step(out) == 17 and orphans(out) == []
@@ -248,7 +249,8 @@ def test_kill_9_mid_write_and_sigterm_mid_epoch_then_resume_bit_exact(data_dir, 
 
 def _ddp_worker(rank, world, init_file, data_dir, out):
     """Rank 1 alone gets a SIGTERM after step 17; all stop at the next poll of the flag (step 20, batch 5 of
-    epoch 2, its loss sums half-way), then resume in fresh runs; and an undisturbed run."""
+    epoch 2, its loss sums half-way), then resume in fresh runs; and an undisturbed run. Then a NaN weight at the
+    transition on one process: process 0's verdict holds for all (its factors are the ones all adopt)."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     cfg = build_config({"dataset": "mnist1d", "data_dir": data_dir, "model": "mlp", "model_args": {"width": 16},
@@ -272,9 +274,22 @@ def _ddp_worker(rank, world, init_file, data_dir, out):
     resumed = cli_run.start_or_resume(None, os.path.join(out, "stopped"), True, log=quiet)
     at = (resumed.step, resumed.batch_in_epoch)
     resumed.train()
-    torch.save({"at": at, "straight": straight.metrics, "resumed": resumed.metrics,
-                "weights": all(torch.equal(p, q) for p, q in zip(straight.model.state_dict().values(),
-                                                                 resumed.model.state_dict().values()))},
+    degenerate = []                                     # process 0's verdict decides: all raise, or none
+    for poisoned in (1, 0):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        ctl = OIALR(model, torch.optim.SGD(model.parameters(), lr=0.1), OIALRConfig(warmup_steps=1))
+        if rank == poisoned:
+            with torch.no_grad():
+                model[0].weight[0, 0] = float("nan")
+        try:
+            ctl.step()
+            degenerate.append(None)
+        except DegenerateStateError as err:
+            degenerate.append(err.layers)
+    same = all(torch.equal(p, q) for p, q in zip(straight.model.state_dict().values(),
+                                                 resumed.model.state_dict().values()))
+    torch.save({"at": at, "straight": straight.metrics, "resumed": resumed.metrics, "degenerate": degenerate,
+                "weights": same},
                os.path.join(out, f"ddp{rank}.pt"))
     dist.destroy_process_group()
 
@@ -286,7 +301,7 @@ def test_sigterm_mid_epoch_under_ddp_resumes_every_metric_bit_exact(data_dir, tm
                        start_method="forkserver")
     for rank in (0, 1):
         seen = torch.load(tmp_path / f"ddp{rank}.pt", weights_only=False)
-        assert seen["at"] == (20, 5) and seen["weights"]
+        assert seen["at"] == (20, 5) and seen["weights"] and seen["degenerate"] == [None, ["0"]]
         same_numbers(seen["resumed"], seen["straight"])
 
 
