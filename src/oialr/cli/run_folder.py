@@ -23,9 +23,13 @@ class RunFolder:
         self._fd: int | None = None
 
     def claim(self) -> RunFolder:
-        import fcntl
-
+        """Create and probe ``out``, lock it, remove orphan temporary files. Without ``fcntl`` (Windows) the folder
+        is probed but not locked."""
         _make_writable_folder(self.out)
+        try:
+            import fcntl
+        except ImportError:
+            return self
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
