@@ -1,7 +1,9 @@
 """``oialr train`` with a fault injected, for tests/test_faults.py: ``python fault_worker.py FAULT N RANK ARGS...``
 runs ``oialr`` with ARGS; in the process of rank RANK (``RANK`` from torchrun, else 0), FAULT is ``KILL``, ``STOP``
 or ``TERM``: that signal to itself right after optimizer step N; or ``KILL_IN_WRITE``: SIGKILL half-way through its
-N-th write of ``checkpoint.pt`` (the temporary file half written). Launched directly or under torchrun."""
+N-th write of ``checkpoint.pt`` (the temporary file half written). Launched directly or under torchrun (which
+starts its workers in sessions of their own): with ``FAULT_PID_DIR`` set, each process leaves ``PID.pid`` there, so
+that the test can end a frozen one."""
 import os
 import signal
 import sys
@@ -46,6 +48,8 @@ def kill_in_checkpoint_write(nth: int) -> None:
 
 if __name__ == "__main__":
     fault, n, who, *args = sys.argv[1:]
+    if os.environ.get("FAULT_PID_DIR"):
+        open(os.path.join(os.environ["FAULT_PID_DIR"], f"{os.getpid()}.pid"), "w").close()
     if int(os.environ.get("RANK", "0")) == int(who):
         kill_in_checkpoint_write(int(n)) if fault == "KILL_IN_WRITE" else signal_after_step(fault, int(n))
     sys.exit(main(args))

@@ -306,10 +306,30 @@ def test_sigterm_mid_epoch_under_ddp_resumes_every_metric_bit_exact(data_dir, tm
 
 
 def _torchrun(data_dir, out, fault, *extra):
+    """torchrun on 2 processes with ``fault``; the workers leave their pids in ``out/../pids``."""
+    pids = os.path.join(os.path.dirname(out), "pids")
+    os.makedirs(pids)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            os.path.join(HERE, "fault_worker.py"), *fault, *args(data_dir, out, "--epochs", "3", *extra)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
-                            start_new_session=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**ENV, "FAULT_PID_DIR": pids}, start_new_session=True)
+
+
+def _end(proc, out) -> None:
+    """Kill what is left of a torchrun job: torchrun's session, then each worker (frozen ones included)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    pids = os.path.join(os.path.dirname(out), "pids")
+    for name in os.listdir(pids):
+        pid = int(name.removesuffix(".pid"))
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:       # still our worker, not a process that reused the pid
+                ours = b"fault_worker.py" in f.read()
+            if ours:
+                os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
 
 
 def test_a_killed_ddp_worker_ends_the_job_and_keeps_the_checkpoint(data_dir, tmp_path):
@@ -318,7 +338,7 @@ def test_a_killed_ddp_worker_ends_the_job_and_keeps_the_checkpoint(data_dir, tmp
     try:
         log, _ = proc.communicate(timeout=90)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        _end(proc, out)
     assert proc.returncode != 0 and "oialr[rank 0]: error: process 0 of 2: another process of the job died" in log, log
     assert checkpoint_step(out) == 15                       # epoch 1 (15 steps of 2 × 128 samples)
 
@@ -336,8 +356,7 @@ def test_a_stopped_ddp_worker_ends_the_others_within_dist_timeout(data_dir, tmp_
                 break
             assert time.time() - start < 90, "".join(lines)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        _end(proc, out)
     assert lines[-1].startswith("oialr[rank 0]: error: process 0 of 2: another process of the job died, or stopped "
                                 "answering for longer than dist_timeout=3s ("), "".join(lines)
     assert lines[-1].rstrip().endswith(f"; the last checkpoint in {out} is kept; continue with --resume")
