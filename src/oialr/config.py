@@ -1,6 +1,7 @@
 """OIALRConfig: every knob of OIALR training, documented and validated."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -108,6 +109,8 @@ class OIALRConfig:
                 isinstance(value, list) and all(isinstance(v, str) and v for v in value))
             check(ok, f"{name} must be None, a regular expression string or a list of non-empty module names, "
                       f"got {value!r}")
+            check(not isinstance(value, str) or _regex_problem(value) is None,
+                  f"{name} is not a valid regular expression ({_regex_problem(value)}): {value!r}")
         check(isinstance(self.keep_output_layer_dense, bool),
               f"keep_output_layer_dense must be True or False, got {self.keep_output_layer_dense!r}")
         check(self.max_aspect_ratio is None or (is_real(self.max_aspect_ratio) and self.max_aspect_ratio >= 1.0),
@@ -139,3 +142,11 @@ class OIALRConfig:
             values["auto"] = {**legacy, **values.get("auto", {})}
         return cls(**values)
 
+
+def _regex_problem(pattern: Any) -> str | None:
+    """Why ``pattern`` does not compile as a regular expression, or None."""
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as err:
+        return str(err)
+    return None

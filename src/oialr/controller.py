@@ -6,8 +6,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import distributed, optim_state
-from ._checks import check_state_version, is_int, warn
+from . import distributed, health, optim_state
+from ._checks import check_same_settings, check_state_version, is_int, warn
 from .auto_transition import PlateauRule
 from .config import OIALRConfig
 from .convert import convert_layer
@@ -123,18 +123,23 @@ class OIALR:
         return self._wrapper.module
 
     def step(self) -> None:
-        """Advance one optimizer step; run the transition or a basis update when the schedule says so."""
+        """Advance one optimizer step; run the transition or a basis update when the schedule says so. Raises
+        :class:`oialr.DegenerateStateError` (the step not counted, nothing changed) for a non-finite or zero state."""
         self.step_count += 1
-        if self.transition_step is None:
-            reason = self.warmup.reason(self.step_count, self.targets)
-            if reason:
-                self.transition(reason)
-            elif self.step_count == self.total_steps:
-                warn(f"OIALR: the run ends (step {self.step_count} of total_steps={self.total_steps}) still in the "
-                     f"full-rank warm-up (warmup_steps={self.config.warmup_steps!r}): no layer was converted; give a "
-                     "smaller warmup_steps, e.g. a fraction of the run such as 0.2")
-        elif (self.step_count - self.transition_step) % self.config.update_every == 0:
-            self.update_bases()
+        try:
+            if self.transition_step is None:
+                reason = self.warmup.reason(self.step_count, self.targets)
+                if reason:
+                    self.transition(reason)
+                elif self.step_count == self.total_steps:
+                    warn(f"OIALR: the run ends (step {self.step_count} of total_steps={self.total_steps}) still in "
+                         f"the full-rank warm-up (warmup_steps={self.config.warmup_steps!r}): no layer was converted; "
+                         "give a smaller warmup_steps, e.g. a fraction of the run such as 0.2")
+            elif (self.step_count - self.transition_step) % self.config.update_every == 0:
+                self.update_bases()
+        except health.DegenerateStateError:
+            self.step_count -= 1
+            raise
 
     def lowrank_layers(self) -> dict[str, LowRankLayer]:
         """The factored layers by qualified name (empty before the transition)."""
@@ -148,7 +153,11 @@ class OIALR:
         """Factor every target weight (:func:`oialr.factorize.transition_factors`; ranks from the config), or,
         restoring a saved run, give every target the saved rank ``ranks`` with placeholder factors (no SVD: the
         values are loaded next). One layer at a time: its dense weight and optimizer state are freed before the next
-        layer's SVD."""
+        layer's SVD. A fresh transition first checks every weight (:func:`oialr.health.check_layers`: finite, not all
+        zero) and raises :class:`oialr.DegenerateStateError` before changing any."""
+        if ranks is None:
+            health.check_layers({name: {"W": layer_weight(self.model, name)[1]} for name in self.targets},
+                                step=self.step_count, event="transition")
         self._warn_unknown_optimizer()
         for name in self.targets:
             module, weight = layer_weight(self.model, name)
@@ -170,23 +179,21 @@ class OIALR:
     @torch.no_grad()
     def update_bases(self) -> None:
         """Basis update of every factored layer (:func:`oialr.factorize.basis_update`), computed by process 0 and
-        broadcast under ``torch.distributed``, then applied on every process (:meth:`_apply`)."""
-        self._warn_unknown_optimizer()
+        broadcast under ``torch.distributed``, then applied on every process (:meth:`_apply`). Every layer's
+        ``U``, ``Σ``, ``V`` are checked first (finite, none all zero): :class:`oialr.DegenerateStateError`, and no
+        layer changed, otherwise."""
         layers = self.lowrank_layers()
-        updates = [self._basis_update(name, layer) for name, layer in layers.items()] \
-            if distributed.is_source() else None
+        health.check_layers({name: {"U": layer.lowrank_U, "Σ": layer.lowrank_S, "V": layer.lowrank_V}
+                             for name, layer in layers.items()},
+                            step=self.step_count, event="basis update")
+        self._warn_unknown_optimizer()
+        updates = [basis_update(layer.lowrank_U, layer.lowrank_S, layer.lowrank_V, self.config)
+                   for layer in layers.values()] if distributed.is_source() else None
         shapes = [(*layer.matrix_shape, layer.rank) for layer in layers.values()]
         like = next(iter(layers.values())).lowrank_S
         for layer, update in zip(layers.values(), distributed.broadcast_updates(updates, shapes, like)):
             if update is not None:
                 self._apply(layer, update)
-
-    def _basis_update(self, name: str, layer: LowRankLayer) -> BasisUpdate | None:
-        if not torch.isfinite(layer.lowrank_S).all():
-            warn(f"OIALR: Σ of layer {name!r} has non-finite entries at step {self.step_count}; its basis update is "
-                 "skipped (the factors are left as they are)")
-            return None
-        return basis_update(layer.lowrank_U, layer.lowrank_S, layer.lowrank_V, self.config)
 
     def _apply(self, layer: LowRankLayer, new: BasisUpdate | Factors) -> None:
         """The one place factors change after the transition: the layer takes the new ``U``, ``Σ``, ``V`` (new
@@ -265,6 +272,8 @@ class OIALR:
         factored layers with the saved ranks (values are overwritten by ``model.load_state_dict``) and puts each
         ``Σ`` in the optimizer where the saved run had it."""
         check_state_version("OIALR", state, STATE_VERSION)
+        saved = OIALRConfig.from_dict(state["config"]).to_dict()
+        check_same_settings("OIALR run", saved, {k: v for k, v in self.config.to_dict().items() if k in saved})
         ranks = state["ranks"]
         if state["transition_step"] is not None and set(ranks) != set(self.targets):
             raise ValueError("the saved run converted other layers than this controller would: saved "

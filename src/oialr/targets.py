@@ -59,6 +59,8 @@ def find_layers(model: nn.Module, config: OIALRConfig) -> list[LayerInfo]:
         reason = entry.dense_reason(module) if entry is not None else None
         if not name:
             info.convert, info.reason = False, "the model itself (wrap it in nn.Sequential to convert it)"
+        elif min(m, n) == 0:
+            info.convert, info.reason = False, "empty weight (a dimension of size 0)"
         elif _overrides_forward(module):
             info.convert, info.reason = False, f"{type(module).__name__} overrides forward (custom layer)"
         elif reason:
