@@ -1,0 +1,91 @@
+"""OIALR inside the Hugging Face ``Trainer``: ``Trainer(..., callbacks=[OIALRCallback(config)])``.
+
+The callback builds :class:`oialr.OIALR` on the Trainer's model and the torch optimizer inside accelerate's wrapper
+(so ``Σ``'s Adam state is carried across basis updates), steps it once per optimizer step (``on_step_end``, which
+the Trainer calls after the optimizer step, the scheduler step and ``zero_grad`` of the last micro-batch of a
+gradient-accumulation cycle), and writes its state as ``oialr_state.pt`` into every checkpoint folder.
+
+Resuming, ``trainer.train(resume_from_checkpoint=...)``: the Trainer loads the saved weights into the still dense
+model (before any callback runs), then builds the optimizer over the dense parameters and loads the saved optimizer
+state by position. The callback therefore catches the factored weights at that first load
+(:class:`~oialr.integrations._resume.FactoredWeightCatcher`), and at ``on_train_begin`` takes a copy of the loaded
+optimizer state, rebuilds the factored layers from ``oialr_state.pt`` (each ``Σ`` where the saved run had it, i.e.
+at its dense weight's position), loads the caught weights, and loads the optimizer state again: training continues
+bit-for-bit. Multi-process training is refused (accelerate's DistributedDataParallel wrapper would keep reducing the
+dense weights the transition removes and never reduce ``Σ``).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    from transformers import TrainerCallback
+except ImportError as error:                                  # pragma: no cover - depends on the environment
+    raise ImportError("oialr.integrations.transformers needs the Hugging Face packages: pip install oialr[hf]") \
+        from error
+
+from ..config import OIALRConfig
+from ..controller import OIALR
+from ..files import save_torch
+from ._resume import FactoredWeightCatcher, unwrap_optimizer
+
+STATE_FILE = "oialr_state.pt"
+
+
+class OIALRCallback(TrainerCallback):
+    """Train the Trainer's model with OIALR. ``controller`` is the :class:`oialr.OIALR` once training has begun
+    (``callback.controller.summary()``, ``.table()``)."""
+
+    def __init__(self, config: OIALRConfig | None = None):
+        self.config = config if config is not None else OIALRConfig()
+        if not isinstance(self.config, OIALRConfig):
+            raise TypeError(f"config must be an oialr.OIALRConfig, got {type(self.config).__name__}")
+        self.controller: OIALR | None = None
+        self._catcher: FactoredWeightCatcher | None = None
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        if args.world_size > 1:
+            raise ValueError(f"OIALRCallback does not support multi-process training (world size {args.world_size})"
+                             ": accelerate's DistributedDataParallel wrapper would keep reducing the dense weights "
+                             "that OIALR replaces and never reduce Σ. Train on one process, or use oialr.OIALR(..., "
+                             "wrap=lambda m: DistributedDataParallel(m, ...)) in your own loop (README, Distributed "
+                             "training)")
+        if model is None:
+            raise ValueError("OIALRCallback needs Trainer(model=...); model_init is not supported")
+        self._catcher = FactoredWeightCatcher(model, self.config)
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.controller is not None or self._catcher is None:
+            raise ValueError("an OIALRCallback trains one run: build a new model, Trainer and OIALRCallback for "
+                             "another trainer.train() call (to resume, pass resume_from_checkpoint to a new Trainer)")
+        inner = unwrap_optimizer(optimizer)
+        if state.global_step == 0:
+            self.controller = OIALR(model, inner, self.config)
+            self._catcher.restore(None)
+            self._catcher = None
+            return
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"resuming at step {state.global_step}, OIALRCallback found no {path}; resume "
+                                    f"from a checkpoint folder in args.output_dir ({args.output_dir}) that a Trainer "
+                                    "with OIALRCallback wrote")
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if saved["step"] != state.global_step:
+            raise ValueError(f"{path} holds OIALR's state at step {saved['step']}, the checkpoint is at step "
+                             f"{state.global_step}")
+        optimizer_state = inner.state_dict()     # loaded by position into the dense parameters: Σ's state where
+        self.controller = OIALR(model, inner, self.config)          # each Σ will be once the model is factored
+        self.controller.load_state_dict(saved)
+        self._catcher.restore(self.controller)
+        inner.load_state_dict(optimizer_state)
+        self._catcher = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.controller.step()
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.should_save:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            save_torch(os.path.join(folder, STATE_FILE), self.controller.state_dict())
