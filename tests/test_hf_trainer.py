@@ -1,4 +1,6 @@
 """OIALRCallback in the Hugging Face Trainer: optimizer steps, Σ's Adam state, exact resume after a rank change."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -135,3 +137,9 @@ def test_resume_without_the_controller_state_is_refused(tmp_path):
 def test_bad_config_is_refused():
     with pytest.raises(TypeError, match="config must be an oialr.OIALRConfig, got dict"):
         OIALRCallback({"warmup_steps": 3})
+
+
+def test_multi_process_training_is_refused():
+    args = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match=r"does not support multi-process training \(world size 2\)"):
+        OIALRCallback().on_init_end(args, None, None, model=tiny_llama())

@@ -1,4 +1,6 @@
 """OIALRCallback in Lightning: optimizer steps under accumulate_grad_batches, exact resume from fit(ckpt_path=...)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch import nn
@@ -105,3 +107,8 @@ def test_resume_from_a_checkpoint_without_oialr_state_is_refused(tmp_path):
     trainer.save_checkpoint(tmp_path / "plain.ckpt")
     with pytest.raises(ValueError, match="which holds no OIALRCallback state"):
         fit(tmp_path / "resumed", 2, ckpt_path=tmp_path / "plain.ckpt")
+
+
+def test_multi_process_training_is_refused():
+    with pytest.raises(ValueError, match=r"does not support multi-process training \(world size 2\)"):
+        OIALRCallback().setup(SimpleNamespace(world_size=2), Classifier(), "fit")
