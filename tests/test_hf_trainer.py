@@ -102,27 +102,39 @@ def foreach_adamw(model):
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=True)
 
 
-@pytest.mark.parametrize("optim, optimizer", [("adamw_torch", None), ("adamw_torch_fused", None),
-                                              ("adamw_torch", foreach_adamw)], ids=["adamw", "fused", "foreach"])
-def test_resume_after_a_rank_change_continues_exactly(tmp_path, optim, optimizer):
+def train_straight_and_resume(tmp_path, stop, optim="adamw_torch", optimizer=None):
+    """Train 10 steps straight; train again, interrupted after ``stop`` steps with a checkpoint there, and resume
+    it in a fresh model and Trainer. Returns the straight and resumed Trainers and the interrupted run's callback."""
     straight, _ = trainer(tmp_path / "straight", optim=optim, optimizer=optimizer)
     straight.train()
-    first, callback = trainer(tmp_path / "run", save_steps=6, optim=optim, optimizer=optimizer, stop_after=6)
+    first, interrupted = trainer(tmp_path / "run", save_steps=stop, optim=optim, optimizer=optimizer, stop_after=stop)
     first.train()
-    saved = torch.load(tmp_path / "run" / "checkpoint-6" / STATE_FILE, weights_only=True)
-    assert saved["step"] == 6 and saved["transition_step"] == 3
-    ranks = callback.rank_log.ranks
-    assert saved["ranks"] == ranks[6] != ranks[3]            # the basis update at step 5 cut ranks
-
     resumed, callback = trainer(tmp_path / "run", optim=optim, optimizer=optimizer)
-    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / f"checkpoint-{stop}"))
     assert callback.controller.step_count == 10
     expected, got = losses(straight), losses(resumed)
-    assert [got[step] for step in range(7, 11)] == [expected[step] for step in range(7, 11)]
+    assert [got[step] for step in range(stop + 1, 11)] == [expected[step] for step in range(stop + 1, 11)]
     straight_weights, resumed_weights = straight.model.state_dict(), resumed.model.state_dict()
     assert straight_weights.keys() == resumed_weights.keys()
     for key, value in straight_weights.items():
         assert torch.equal(resumed_weights[key], value), key
+    return interrupted
+
+
+@pytest.mark.parametrize("optim, optimizer", [("adamw_torch", None), ("adamw_torch_fused", None),
+                                              ("adamw_torch", foreach_adamw)], ids=["adamw", "fused", "foreach"])
+def test_resume_after_a_rank_change_continues_exactly(tmp_path, optim, optimizer):
+    interrupted = train_straight_and_resume(tmp_path, 6, optim, optimizer)
+    saved = torch.load(tmp_path / "run" / "checkpoint-6" / STATE_FILE, weights_only=True)
+    assert saved["step"] == 6 and saved["transition_step"] == 3
+    ranks = interrupted.rank_log.ranks
+    assert saved["ranks"] == ranks[6] != ranks[3]            # the basis update at step 5 cut ranks
+
+
+def test_resume_before_the_transition_continues_exactly(tmp_path):
+    train_straight_and_resume(tmp_path, 2)
+    saved = torch.load(tmp_path / "run" / "checkpoint-2" / STATE_FILE, weights_only=True)
+    assert saved["step"] == 2 and saved["transition_step"] is None
 
 
 def test_resume_without_the_controller_state_is_refused(tmp_path):
