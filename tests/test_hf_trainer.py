@@ -137,13 +137,19 @@ def test_resume_before_the_transition_continues_exactly(tmp_path):
     assert saved["step"] == 2 and saved["transition_step"] is None
 
 
-def test_resume_without_the_controller_state_is_refused(tmp_path):
+def test_resume_without_what_it_needs_is_refused(tmp_path):
     first, _ = trainer(tmp_path / "run", save_steps=6, stop_after=6)
     first.train()
+    checkpoint = str(tmp_path / "run" / "checkpoint-6")
+    late, callback = trainer(tmp_path / "run")
+    late.remove_callback(callback)
+    late.add_callback(OIALRCallback(oialr.OIALRConfig(**CONFIG)))     # too late to catch the factored weights
+    with pytest.raises(ValueError, match=r"to resume, pass OIALRCallback to Trainer\(callbacks=\[...\]\) rather"):
+        late.train(resume_from_checkpoint=checkpoint)
     (tmp_path / "run" / "checkpoint-6" / STATE_FILE).unlink()
     resumed, _ = trainer(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="resuming at step 6, OIALRCallback found no"):
-        resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-6"))
+        resumed.train(resume_from_checkpoint=checkpoint)
 
 
 def test_bad_config_is_refused():

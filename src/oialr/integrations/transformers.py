@@ -34,6 +34,15 @@ from ._resume import FactoredWeightCatcher, unwrap_optimizer
 STATE_FILE = "oialr_state.pt"
 
 
+def _refuse_multi_process(args) -> None:
+    if args.world_size > 1:
+        raise ValueError(f"OIALRCallback does not support multi-process training (world size {args.world_size}): "
+                         "accelerate's DistributedDataParallel wrapper would keep reducing the dense weights that "
+                         "OIALR replaces and never reduce Σ. Train on one process, or use oialr.OIALR(..., "
+                         "wrap=lambda m: DistributedDataParallel(m, ...)) in your own loop (README, Distributed "
+                         "training)")
+
+
 class OIALRCallback(TrainerCallback):
     """Train the Trainer's model with OIALR. ``controller`` is the :class:`oialr.OIALR` once training has begun
     (``callback.controller.summary()``, ``.table()``)."""
@@ -46,26 +55,25 @@ class OIALRCallback(TrainerCallback):
         self._catcher: FactoredWeightCatcher | None = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        if args.world_size > 1:
-            raise ValueError(f"OIALRCallback does not support multi-process training (world size {args.world_size})"
-                             ": accelerate's DistributedDataParallel wrapper would keep reducing the dense weights "
-                             "that OIALR replaces and never reduce Σ. Train on one process, or use oialr.OIALR(..., "
-                             "wrap=lambda m: DistributedDataParallel(m, ...)) in your own loop (README, Distributed "
-                             "training)")
+        _refuse_multi_process(args)
         if model is None:
             raise ValueError("OIALRCallback needs Trainer(model=...); model_init is not supported")
         self._catcher = FactoredWeightCatcher(model, self.config)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if self.controller is not None or self._catcher is None:
+        _refuse_multi_process(args)
+        if self.controller is not None:
             raise ValueError("an OIALRCallback trains one run: build a new model, Trainer and OIALRCallback for "
                              "another trainer.train() call (to resume, pass resume_from_checkpoint to a new Trainer)")
-        inner = unwrap_optimizer(optimizer)
+        catcher, self._catcher, inner = self._catcher, None, unwrap_optimizer(optimizer)
         if state.global_step == 0:
             self.controller = OIALR(model, inner, self.config)
-            self._catcher.restore(None)
-            self._catcher = None
+            if catcher is not None:
+                catcher.restore(None)
             return
+        if catcher is None:
+            raise ValueError("to resume, pass OIALRCallback to Trainer(callbacks=[...]) rather than add_callback(): "
+                             "it must be there when the Trainer is built to receive the checkpoint's factored layers")
         path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"resuming at step {state.global_step}, OIALRCallback found no {path}; resume "
@@ -78,9 +86,8 @@ class OIALRCallback(TrainerCallback):
         optimizer_state = inner.state_dict()     # loaded by position into the dense parameters: Σ's state where
         self.controller = OIALR(model, inner, self.config)          # each Σ will be once the model is factored
         self.controller.load_state_dict(saved)
-        self._catcher.restore(self.controller)
+        catcher.restore(self.controller)
         inner.load_state_dict(optimizer_state)
-        self._catcher = None
 
     def on_step_end(self, args, state, control, **kwargs):
         self.controller.step()
