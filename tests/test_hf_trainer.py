@@ -157,7 +157,10 @@ def test_bad_config_is_refused():
         OIALRCallback({"warmup_steps": 3})
 
 
-def test_multi_process_training_is_refused():
-    args = SimpleNamespace(world_size=2)
+def test_multi_process_training_and_loading_the_best_model_are_refused():
+    args = SimpleNamespace(world_size=2, load_best_model_at_end=False)
     with pytest.raises(ValueError, match=r"does not support multi-process training \(world size 2\)"):
+        OIALRCallback().on_init_end(args, None, None, model=tiny_llama())
+    args = SimpleNamespace(world_size=1, load_best_model_at_end=True)
+    with pytest.raises(ValueError, match="does not support load_best_model_at_end=True"):
         OIALRCallback().on_init_end(args, None, None, model=tiny_llama())

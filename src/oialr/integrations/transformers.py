@@ -11,8 +11,9 @@ state by position. The callback therefore catches the factored weights at that f
 (:class:`~oialr.integrations._resume.FactoredWeightCatcher`), and at ``on_train_begin`` takes a copy of the loaded
 optimizer state, rebuilds the factored layers from ``oialr_state.pt`` (each ``Σ`` where the saved run had it, i.e.
 at its dense weight's position), loads the caught weights, and loads the optimizer state again: training continues
-bit-for-bit. Multi-process training is refused (accelerate's DistributedDataParallel wrapper would keep reducing the
-dense weights the transition removes and never reduce ``Σ``).
+bit-for-bit. Refused: multi-process training (accelerate's DistributedDataParallel wrapper would keep reducing the
+dense weights the transition removes and never reduce ``Σ``) and ``load_best_model_at_end`` (the best checkpoint
+may hold other ranks than the final model).
 """
 from __future__ import annotations
 
@@ -56,6 +57,10 @@ class OIALRCallback(TrainerCallback):
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         _refuse_multi_process(args)
+        if args.load_best_model_at_end:
+            raise ValueError("OIALRCallback does not support load_best_model_at_end=True: the best checkpoint's "
+                             "factored layers may have other ranks than the model at the end; reload it in a fresh "
+                             "model and Trainer with resume_from_checkpoint instead")
         if model is None:
             raise ValueError("OIALRCallback needs Trainer(model=...); model_init is not supported")
         self._catcher = FactoredWeightCatcher(model, self.config)
