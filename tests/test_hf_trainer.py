@@ -1,4 +1,6 @@
 """OIALRCallback in the Hugging Face Trainer: optimizer steps, Σ's Adam state, exact resume after a rank change."""
+import importlib
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -164,3 +166,10 @@ def test_multi_process_training_and_loading_the_best_model_are_refused():
     args = SimpleNamespace(world_size=1, load_best_model_at_end=True)
     with pytest.raises(ValueError, match="does not support load_best_model_at_end=True"):
         OIALRCallback().on_init_end(args, None, None, model=tiny_llama())
+
+
+def test_a_missing_extra_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)          # as if it were not installed
+    monkeypatch.delitem(sys.modules, "oialr.integrations.transformers")
+    with pytest.raises(ImportError, match=r"pip install oialr\[hf\]"):
+        importlib.import_module("oialr.integrations.transformers")

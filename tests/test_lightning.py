@@ -1,4 +1,6 @@
 """OIALRCallback in Lightning: optimizer steps under accumulate_grad_batches, exact resume from fit(ckpt_path=...)."""
+import importlib
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -112,3 +114,10 @@ def test_resume_from_a_checkpoint_without_oialr_state_is_refused(tmp_path):
 def test_multi_process_training_is_refused():
     with pytest.raises(ValueError, match=r"does not support multi-process training \(world size 2\)"):
         OIALRCallback().setup(SimpleNamespace(world_size=2), Classifier(), "fit")
+
+
+def test_a_missing_extra_is_named(monkeypatch):
+    monkeypatch.setitem(sys.modules, "lightning.pytorch.callbacks", None)          # as if it were not installed
+    monkeypatch.delitem(sys.modules, "oialr.integrations.lightning")
+    with pytest.raises(ImportError, match=r"pip install oialr\[lightning\]"):
+        importlib.import_module("oialr.integrations.lightning")

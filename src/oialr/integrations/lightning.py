@@ -21,7 +21,7 @@ from typing import Any
 
 try:
     from lightning.pytorch.callbacks import Callback
-except ImportError as error:                                  # pragma: no cover - depends on the environment
+except ImportError as error:
     raise ImportError("oialr.integrations.lightning needs Lightning 2.x: pip install oialr[lightning]") from error
 
 from ..config import OIALRConfig

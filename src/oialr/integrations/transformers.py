@@ -23,7 +23,7 @@ import torch
 
 try:
     from transformers import TrainerCallback
-except ImportError as error:                                  # pragma: no cover - depends on the environment
+except ImportError as error:
     raise ImportError("oialr.integrations.transformers needs the Hugging Face packages: pip install oialr[hf]") \
         from error
 
