@@ -1,5 +1,9 @@
 """OIALRCallback in the Hugging Face Trainer: optimizer steps, Σ's Adam state, exact resume after a rank change."""
 import importlib
+import json
+import os
+import pathlib
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -159,11 +163,39 @@ def test_bad_config_is_refused():
         OIALRCallback({"warmup_steps": 3})
 
 
-def test_multi_process_training_and_loading_the_best_model_are_refused():
-    args = SimpleNamespace(world_size=2, load_best_model_at_end=False)
-    with pytest.raises(ValueError, match=r"does not support multi-process training \(world size 2\)"):
+def ddp_worker(out):
+    """Under torchrun: train straight, interrupted at step 6 and resumed; write what each process ended with."""
+    torch.set_num_threads(1)
+    runs = {}
+    for name, stop, resume in [("straight", None, False), ("run", 6, False), ("run", None, True)]:
+        t, callback = trainer(f"{out}/{name}", save_steps=stop, stop_after=stop)
+        t.train(resume_from_checkpoint=f"{out}/run/checkpoint-6" if resume else None)
+        runs["resumed" if resume else name] = {
+            "losses": losses(t), "ranks": callback.controller.summary()["layers"],
+            "weights": [p.detach().double().sum().item() for p in t.model.parameters()]}
+    rank = torch.distributed.get_rank()
+    (pathlib.Path(out) / f"process{rank}.json").write_text(json.dumps(runs))
+
+
+def test_two_processes_stay_identical_and_resume_exactly(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pathlib.Path(oialr.__file__).parents[1]),
+                                                         os.path.dirname(__file__)])}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
+                    str(tmp_path)], check=True, env=env, capture_output=True, timeout=300)
+    first, second = (json.loads((tmp_path / f"process{r}.json").read_text()) for r in (0, 1))
+    assert first == second                  # Σ's gradients were averaged: the same weights on both processes
+    straight, resumed = first["straight"], first["resumed"]
+    assert [resumed["losses"][str(s)] for s in range(7, 11)] == [straight["losses"][str(s)] for s in range(7, 11)]
+    assert resumed["weights"] == straight["weights"] and resumed["ranks"] == straight["ranks"]
+
+
+def test_ddp_without_find_unused_parameters_and_loading_the_best_model_are_refused():
+    args = SimpleNamespace(world_size=2, ddp_find_unused_parameters=False, ddp_static_graph=None,
+                           load_best_model_at_end=False)
+    with pytest.raises(ValueError, match=r"OIALRCallback on 2 processes needs ddp_find_unused_parameters=True"):
         OIALRCallback().on_init_end(args, None, None, model=tiny_llama())
-    args = SimpleNamespace(world_size=1, load_best_model_at_end=True)
+    args = SimpleNamespace(world_size=1, ddp_find_unused_parameters=None, ddp_static_graph=None,
+                           load_best_model_at_end=True)
     with pytest.raises(ValueError, match="does not support load_best_model_at_end=True"):
         OIALRCallback().on_init_end(args, None, None, model=tiny_llama())
 
@@ -173,3 +205,7 @@ def test_a_missing_extra_is_named(monkeypatch):
     monkeypatch.delitem(sys.modules, "oialr.integrations.transformers")
     with pytest.raises(ImportError, match=r"pip install oialr\[hf\]"):
         importlib.import_module("oialr.integrations.transformers")
+
+
+if __name__ == "__main__":
+    ddp_worker(sys.argv[1])

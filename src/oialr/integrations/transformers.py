@@ -11,9 +11,14 @@ state by position. The callback therefore catches the factored weights at that f
 (:class:`~oialr.integrations._resume.FactoredWeightCatcher`), and at ``on_train_begin`` takes a copy of the loaded
 optimizer state, rebuilds the factored layers from ``oialr_state.pt`` (each ``Σ`` where the saved run had it, i.e.
 at its dense weight's position), loads the caught weights, and loads the optimizer state again: training continues
-bit-for-bit. Refused: multi-process training (accelerate's DistributedDataParallel wrapper would keep reducing the
-dense weights the transition removes and never reduce ``Σ``) and ``load_best_model_at_end`` (the best checkpoint
-may hold other ranks than the final model).
+bit-for-bit.
+
+Under ``torchrun`` the Trainer's DistributedDataParallel wrapper, built by accelerate over the dense parameters, is
+kept: it goes on reducing the gradients of every parameter it knows (embeddings, norms, the dense layers), while
+:class:`~oialr.integrations._grad_sync.SigmaGradSync` averages each ``Σ``'s gradient itself, and the controller
+computes the SVDs on process 0 and broadcasts them. The dense weights the wrapper was built over stay in its memory
+and are reduced as zeros (no communication saving). ``load_best_model_at_end`` is refused (the best checkpoint may
+hold other ranks than the final model).
 """
 from __future__ import annotations
 
@@ -27,21 +32,29 @@ except ImportError as error:
     raise ImportError("oialr.integrations.transformers needs the Hugging Face packages: pip install oialr[hf]") \
         from error
 
+from .. import distributed
 from ..config import OIALRConfig
 from ..controller import OIALR
 from ..files import save_torch
+from ._grad_sync import SigmaGradSync
 from ._resume import FactoredWeightCatcher, unwrap_optimizer
 
 STATE_FILE = "oialr_state.pt"
 
 
-def _refuse_multi_process(args) -> None:
-    if args.world_size > 1:
-        raise ValueError(f"OIALRCallback does not support multi-process training (world size {args.world_size}): "
-                         "accelerate's DistributedDataParallel wrapper would keep reducing the dense weights that "
-                         "OIALR replaces and never reduce Σ. Train on one process, or use oialr.OIALR(..., "
-                         "wrap=lambda m: DistributedDataParallel(m, ...)) in your own loop (README, Distributed "
-                         "training)")
+def _check_distributed(args, model) -> None:
+    """Under several processes the dense weights accelerate's DistributedDataParallel holds stop getting gradients
+    at the transition, which it accepts only with ``find_unused_parameters=True`` (the Trainer's choice unless told
+    otherwise or activation checkpointing is on)."""
+    find_unused = args.ddp_find_unused_parameters
+    if find_unused is None:
+        find_unused = not (getattr(model, "is_activation_checkpointing", False)
+                           or getattr(args, "activation_checkpointing", False))
+    if args.world_size > 1 and (not find_unused or args.ddp_static_graph):
+        raise ValueError(f"OIALRCallback on {args.world_size} processes needs ddp_find_unused_parameters=True and "
+                         "ddp_static_graph unset: after the transition the dense weights that DistributedDataParallel "
+                         "was built over get no gradient (activation checkpointing, which needs "
+                         "find_unused_parameters=False, is not supported with it)")
 
 
 class OIALRCallback(TrainerCallback):
@@ -54,9 +67,10 @@ class OIALRCallback(TrainerCallback):
             raise TypeError(f"config must be an oialr.OIALRConfig, got {type(self.config).__name__}")
         self.controller: OIALR | None = None
         self._catcher: FactoredWeightCatcher | None = None
+        self._grad_sync: SigmaGradSync | None = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
-        _refuse_multi_process(args)
+        _check_distributed(args, model)
         if args.load_best_model_at_end:
             raise ValueError("OIALRCallback does not support load_best_model_at_end=True: the best checkpoint's "
                              "factored layers may have other ranks than the model at the end; reload it in a fresh "
@@ -66,7 +80,7 @@ class OIALRCallback(TrainerCallback):
         self._catcher = FactoredWeightCatcher(model, self.config)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        _refuse_multi_process(args)
+        _check_distributed(args, model)
         if self.controller is not None:
             raise ValueError("an OIALRCallback trains one run: build a new model, Trainer and OIALRCallback for "
                              "another trainer.train() call (to resume, pass resume_from_checkpoint to a new Trainer)")
@@ -75,6 +89,7 @@ class OIALRCallback(TrainerCallback):
             self.controller = OIALR(model, inner, self.config)
             if catcher is not None:
                 catcher.restore(None)
+            self._start_grad_sync()
             return
         if catcher is None:
             raise ValueError("to resume, pass OIALRCallback to Trainer(callbacks=[...]) rather than add_callback(): "
@@ -93,9 +108,15 @@ class OIALRCallback(TrainerCallback):
         self.controller.load_state_dict(saved)
         catcher.restore(self.controller)
         inner.load_state_dict(optimizer_state)
+        self._start_grad_sync()
+
+    def _start_grad_sync(self) -> None:
+        self._grad_sync = SigmaGradSync(self.controller) if distributed.is_distributed() else None
 
     def on_step_end(self, args, state, control, **kwargs):
         self.controller.step()
+        if self._grad_sync is not None:
+            self._grad_sync.attach()                    # the transition and rank changes create new Σ Parameters
 
     def on_save(self, args, state, control, **kwargs):
         if args.should_save:
