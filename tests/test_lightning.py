@@ -1,7 +1,10 @@
 """OIALRCallback in Lightning: optimizer steps under accumulate_grad_batches, exact resume from fit(ckpt_path=...)."""
 import importlib
+import json
+import os
+import pathlib
+import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from torch import nn
 L = pytest.importorskip("lightning")
 
 import oialr  # noqa: E402
-from oialr.integrations.lightning import OIALRCallback  # noqa: E402
+from oialr.integrations.lightning import OIALRCallback, _check_ddp  # noqa: E402
 
 CONFIG = dict(warmup_steps=3, update_every=2, cutoff=0.3)     # transition after step 3, basis updates at 5, 7, ...
 
@@ -18,9 +21,10 @@ CONFIG = dict(warmup_steps=3, update_every=2, cutoff=0.3)     # transition after
 class Classifier(L.LightningModule):
     """A small MLP; records the loss of every micro-batch and the controller's phase at every optimizer step."""
 
-    def __init__(self):
+    def __init__(self, lr=3e-2):
         super().__init__()
         torch.manual_seed(0)
+        self.lr = lr
         self.net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))
         self.losses = []
 
@@ -31,7 +35,7 @@ class Classifier(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=3e-2)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + 0.1 * step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -111,9 +115,50 @@ def test_resume_from_a_checkpoint_without_oialr_state_is_refused(tmp_path):
         fit(tmp_path / "resumed", 2, ckpt_path=tmp_path / "plain.ckpt")
 
 
-def test_multi_process_training_is_refused():
-    with pytest.raises(ValueError, match=r"does not support multi-process training \(world size 2\)"):
-        OIALRCallback().setup(SimpleNamespace(world_size=2), Classifier(), "fit")
+def ddp_worker(out):
+    """Under torchrun: fit straight, for one epoch with a checkpoint, and resumed; write what each process saw."""
+    torch.set_num_threads(1)
+    runs = {}
+    # 3 optimizer steps per epoch and process: the checkpoint at step 6 comes after the rank cut at step 5
+    for name, epochs, ckpt in [("straight", 3, None), ("first", 2, None), ("resumed", 3, f"{out}/first/last.ckpt")]:
+        module, callback = Classifier(lr=1e-1), OIALRCallback(oialr.OIALRConfig(**CONFIG))
+        rank_log = RankLog(callback)
+        trainer = L.Trainer(max_epochs=epochs, accumulate_grad_batches=2, accelerator="cpu", devices=2,
+                            strategy="ddp_find_unused_parameters_true", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False, default_root_dir=f"{out}/{name}", deterministic=True,
+                            callbacks=[callback, rank_log,
+                                       L.pytorch.callbacks.ModelCheckpoint(dirpath=f"{out}/{name}", save_last=True)])
+        trainer.fit(module, loader(), ckpt_path=ckpt)
+        runs[name] = {"losses": module.losses, "ranks": callback.controller.summary()["layers"], "log": rank_log.ranks,
+                      "weights": [p.detach().double().sum().item() for p in module.parameters()]}
+    (pathlib.Path(out) / f"process{trainer.global_rank}.json").write_text(json.dumps(runs))
+
+
+def test_two_processes_stay_identical_and_resume_exactly(tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pathlib.Path(oialr.__file__).parents[1]),
+                                                         os.path.dirname(__file__)])}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
+                    str(tmp_path)], check=True, env=env, capture_output=True, timeout=300)
+    first, second = (json.loads((tmp_path / f"process{r}.json").read_text()) for r in (0, 1))
+    assert first["first"]["log"]["6"] != first["first"]["log"]["3"]         # the checkpoint follows a rank cut
+    # Σ's gradients were averaged: the same weights on both processes ("first" ends between two basis updates,
+    # each of which broadcasts process 0's Σ, so it is the run that would show a difference)
+    for run in ("straight", "first", "resumed"):
+        assert first[run]["weights"] == second[run]["weights"]
+    for process in (first, second):
+        straight, resumed = process["straight"], process["resumed"]
+        assert resumed["losses"] == straight["losses"][len(process["first"]["losses"]):]
+        assert resumed["weights"] == straight["weights"] and resumed["ranks"] == straight["ranks"]
+
+
+def test_multi_process_training_needs_ddp_with_find_unused_parameters():
+    with pytest.raises(ValueError, match="supports multi-process training with DistributedDataParallel only"):
+        _check_ddp(nn.Linear(2, 2))
+    wrapper = object.__new__(nn.parallel.DistributedDataParallel)
+    object.__setattr__(wrapper, "find_unused_parameters", False)
+    object.__setattr__(wrapper, "static_graph", False)
+    with pytest.raises(ValueError, match="needs DDP with find_unused_parameters=True"):
+        _check_ddp(wrapper)
 
 
 def test_a_missing_extra_is_named(monkeypatch):
@@ -121,3 +166,7 @@ def test_a_missing_extra_is_named(monkeypatch):
     monkeypatch.delitem(sys.modules, "oialr.integrations.lightning")
     with pytest.raises(ImportError, match=r"pip install oialr\[lightning\]"):
         importlib.import_module("oialr.integrations.lightning")
+
+
+if __name__ == "__main__":
+    ddp_worker(sys.argv[1])
