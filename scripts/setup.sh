@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Set up .venv/ at the repository root: torch 2.14.1 + torchvision 0.29.1, timm, transformers, galore-torch, oialr
-# (editable, all extras), and, when running as root on Debian, the data packages dataset-fashion-mnist and fortunes
-# (the text corpus). Safe to re-run: finished steps are skipped.
+# Set up .venv/ at the repository root: torch 2.14.1 + torchvision 0.29.1, timm, transformers, accelerate, lightning,
+# galore-torch, oialr (editable, all extras), and, when running as root on Debian, the data packages
+# dataset-fashion-mnist and fortunes (the text corpus). Safe to re-run: finished steps are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +18,7 @@ stamp=".venv/.setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-
 if [ ! -f "$stamp" ]; then
     echo "setup: installing torch, torchvision and oialr into .venv/ (a few minutes the first time)"
     pip_install torch==2.14.1 torchvision==0.29.1
-    pip_install -e ".[cli,vision,lm,dev]"
+    pip_install -e ".[cli,vision,lm,hf,lightning,dev]"
     rm -f .venv/.setup-*
     touch "$stamp"
 fi

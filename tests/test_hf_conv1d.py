@@ -12,7 +12,8 @@ hf_conv1d = pytest.importorskip("oialr.integrations.hf_conv1d")
 
 @pytest.fixture
 def registered(monkeypatch):
-    monkeypatch.setattr(layer_types, "_REGISTRY", dict(layer_types._REGISTRY))
+    monkeypatch.setattr(layer_types, "_REGISTRY", {kind: t for kind, t in layer_types._REGISTRY.items()
+                                                   if kind != "hf_conv1d"})     # as before any register()
     hf_conv1d.register()
     hf_conv1d.register()                                   # idempotent
 
@@ -25,7 +26,8 @@ def gpt2():
 
 
 def test_gpt2_without_registration_names_the_conv1d_layers(monkeypatch):
-    monkeypatch.setattr(layer_types, "_REGISTRY", dict(layer_types._REGISTRY))
+    monkeypatch.setattr(layer_types, "_REGISTRY", {kind: t for kind, t in layer_types._REGISTRY.items()
+                                                   if kind != "hf_conv1d"})     # as before any register()
     model = gpt2()
     with pytest.raises(ValueError, match=r"(?s)transformer.h.0.attn.c_attn \(other\): Conv1D .*Parameter-holding "
                        r"layer types OIALR does not know: transformers.pytorch_utils.Conv1D \(register it with "
