@@ -37,6 +37,7 @@ import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))      # its sibling grid_plots, however loaded
 
 from oialr import files  # noqa: E402
 import grid_plots  # noqa: E402

@@ -31,7 +31,6 @@ FAKE_TRAIN = textwrap.dedent("""\
 
 @pytest.fixture
 def experiments(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))         # its sibling grid_plots
     spec = importlib.util.spec_from_file_location("experiments", os.path.join(ROOT, "benchmarks", "experiments.py"))
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "experiments", module)        # its dataclass looks itself up there
