@@ -4,9 +4,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from . import distributed, linalg, optim_state
+from . import budget, distributed, growth, linalg, optim_state
 from ._checks import check_state_version, warn
 from .auto_transition import PlateauRule
 from .config import OIALRConfig
@@ -41,6 +41,11 @@ class OIALR:
        with ``U``, ``V`` frozen and ``Σ`` (a full ``r×r`` matrix) in ``W``'s place in the optimizer;
     3. every ``update_every`` steps after that (:meth:`update_bases`): ``Σ = u diag(s) vᵀ``; ``U ← U u``,
        ``V ← V v``, ``Σ ← diag(s)`` (``U Σ Vᵀ`` unchanged), then drop the trailing values ``s_i < cutoff·s_1``.
+
+    Beyond the paper (:class:`OIALRConfig`): ``stored_budget`` allocates the ranks across layers at 2 and 3
+    (:mod:`oialr.budget`); ``augment_bases`` widens ``U``, ``V`` after each cut with the gradient directions they
+    miss, recorded in the backward pass of the step before the update (:mod:`oialr.growth`); ``train_bases`` also
+    trains ``U`` and ``V`` (their optimizer state carried like ``Σ``'s).
 
     The maths is in :mod:`oialr.factorize`, the optimizer state of ``Σ`` is carried as :mod:`oialr.optim_state`
     says. :meth:`state_dict` holds the step counter, the transition, the ranks and the automatic transition's
@@ -84,7 +89,12 @@ class OIALR:
             if optim_state.find_group(optimizer, layer_weight(model, name)[1]) is None:
                 raise ValueError(f"the weight of layer {name!r} trains (requires_grad=True) but is not in the "
                                  "optimizer; add it to the optimizer or list the layer in exclude_modules")
+        if self.config.stored_budget is not None:
+            budget.check_budget([i.shape for i in self.layer_infos if i.convert], self.config.stored_budget,
+                                self.config.min_rank)
         self.dense_trainable_params = trainable_params(model)
+        self._recorder = growth.GradientRecorder() if self.config.augment_bases else None
+        self.cut_ranks: dict[str, int] = {}             # the ranks the last transition or cut kept (before growth)
         self.step_count = 0
         self.transition_step: int | None = None
         self.transition_reason: str | None = None
@@ -112,8 +122,12 @@ class OIALR:
     def wrapped_model(self) -> nn.Module:
         """The module to run the training forward through: ``wrap(model)``, built on first use and again after the
         controller replaced Parameter objects (the transition, a rank change, a restore); ``model`` without ``wrap``.
-        Read it at every step (:class:`oialr.wrapper.Rewrapped`)."""
-        return self._wrapper.module
+        Read it at every step (:class:`oialr.wrapper.Rewrapped`). A wrapper built while ``augment_bases`` records
+        gradients sees the bases frozen (DDP must not sync them)."""
+        if self._recorder is None:
+            return self._wrapper.module
+        with self._recorder.paused():
+            return self._wrapper.module
 
     def step(self) -> None:
         """Advance one optimizer step; run the transition or a basis update when the schedule says so."""
@@ -124,6 +138,13 @@ class OIALR:
                 self.transition(reason)
         elif (self.step_count - self.transition_step) % self.config.update_every == 0:
             self.update_bases()
+        self._record_before_update()
+
+    def _record_before_update(self) -> None:
+        """With ``augment_bases``: record the bases' gradients during the next step if it ends in an update."""
+        if self._recorder is not None and self.transition_step is not None and \
+                (self.step_count + 1 - self.transition_step) % self.config.update_every == 0:
+            self._recorder.start(self.lowrank_layers())
 
     def lowrank_layers(self) -> dict[str, LowRankLayer]:
         """The factored layers by qualified name (empty before the transition)."""
@@ -137,57 +158,104 @@ class OIALR:
         """Factor every target weight (:func:`oialr.factorize.transition_factors`; ranks from the config), or,
         restoring a saved run, give every target the saved rank ``ranks`` with placeholder factors (no SVD: the
         values are loaded next). One layer at a time: its dense weight and optimizer state are freed before the next
-        layer's SVD."""
+        layer's SVD (a ``stored_budget`` first computes every weight's singular values, to allocate the ranks)."""
         self._warn_unknown_optimizer()
+        chosen = None
+        if ranks is None and self.config.stored_budget is not None:
+            chosen = budget.transition_ranks([linalg.matrix_view(layer_weight(self.model, name)[1])
+                                              for name in self.targets], self.config) \
+                if distributed.is_source() else [0] * len(self.targets)
+            chosen = dict(zip(self.targets, distributed.broadcast_ints(chosen)))
         for name in self.targets:
             _, weight = layer_weight(self.model, name)
             matrix = linalg.matrix_view(weight)
             if ranks is not None:
                 factors = placeholder_factors(*matrix.shape, ranks[name], like=weight)
             else:                                       # process 0's SVD, adopted by every process
-                factors = transition_factors(matrix, self.config) if distributed.is_source() else None
+                factors = transition_factors(matrix, self.config, chosen and chosen[name]) \
+                    if distributed.is_source() else None
                 factors = distributed.broadcast_factors(factors, matrix.shape, like=weight)
             _, layer = convert_layer(self.model, name, factors)
+            if self.config.train_bases:
+                layer.lowrank_U.requires_grad_(True)
+                layer.lowrank_V.requires_grad_(True)
             optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S, layer.lowrank_U, layer.lowrank_V)
             del weight, matrix, factors
         self._wrapper.invalidate()                      # new Parameters: the wrapper is rebuilt on next use
         self.transition_step = self.step_count
         self.transition_reason = reason
+        self.cut_ranks = {name: layer.rank for name, layer in self.lowrank_layers().items()}
         self.warmup.finish()
 
     @torch.no_grad()
-    def update_bases(self) -> None:
-        """Basis update of every factored layer (:func:`oialr.factorize.basis_update`), computed by process 0 and
-        broadcast under ``torch.distributed``, then applied on every process (:meth:`_apply`)."""
+    def update_bases(self, grow: bool = True) -> None:
+        """Basis update of every factored layer (:func:`oialr.factorize.basis_update`; ranks by
+        :func:`oialr.budget.update_ranks` under a ``stored_budget``), computed by process 0 and broadcast under
+        ``torch.distributed``, then applied on every process (:meth:`_apply`). With ``augment_bases`` the bases are
+        then widened by the gradient recorded since the step before (:meth:`_grow`); ``grow=False`` skips that, e.g.
+        as a run's last call so that the final model keeps only the cut ranks."""
         self._warn_unknown_optimizer()
+        grads = self._recorder.stop() if self._recorder is not None else {}
         layers = self.lowrank_layers()
-        updates = [self._basis_update(name, layer) for name, layer in layers.items()] \
-            if distributed.is_source() else None
+        updates = None
+        if distributed.is_source():
+            ranks = [None] * len(layers) if self.config.stored_budget is None else budget.update_ranks(
+                [Factors(lay.lowrank_U, lay.lowrank_S, lay.lowrank_V) for lay in layers.values()], self.config)
+            updates = [self._basis_update(name, layer, k) for (name, layer), k in zip(layers.items(), ranks)]
         shapes = [(*layer.matrix_shape, layer.rank) for layer in layers.values()]
         like = next(iter(layers.values())).lowrank_S
-        for layer, update in zip(layers.values(), distributed.broadcast_updates(updates, shapes, like)):
+        for layer, update in zip(layers.values(), distributed.broadcast_updates(updates, shapes, like,
+                                                                                 self.config.train_bases)):
             if update is not None:
                 self._apply(layer, update)
+        self.cut_ranks = {name: layer.rank for name, layer in layers.items()}
+        if grow and self._recorder is not None:
+            self._grow(layers, grads)
 
-    def _basis_update(self, name: str, layer: LowRankLayer) -> BasisUpdate | None:
+    def _basis_update(self, name: str, layer: LowRankLayer, rank: int | None) -> BasisUpdate | None:
         if not torch.isfinite(layer.lowrank_S).all():
             warn(f"OIALR: Σ of layer {name!r} has non-finite entries at step {self.step_count}; its basis update is "
                  "skipped (the factors are left as they are)")
             return None
-        return basis_update(layer.lowrank_U, layer.lowrank_S, layer.lowrank_V, self.config)
+        return basis_update(layer.lowrank_U, layer.lowrank_S, layer.lowrank_V, self.config, rank)
 
-    def _apply(self, layer: LowRankLayer, new: BasisUpdate | Factors) -> None:
+    def _grow(self, layers: dict[str, LowRankLayer], grads: dict[str, tuple[Tensor, Tensor]]) -> None:
+        """Widen every layer by :func:`oialr.growth.widen` with the recorded ``∂L/∂U``, ``∂L/∂V`` (summed over the
+        processes onto process 0, which computes the new directions and broadcasts the factors)."""
+        for name, layer in layers.items():
+            U, S, V = layer.lowrank_U, layer.lowrank_S, layer.lowrank_V
+            recorded = grads.get(name)
+            if recorded is None or recorded[0].shape[0] != U.shape[0]:
+                recorded = (U.new_zeros(U.shape), V.new_zeros(V.shape))   # no gradient seen: nothing to add
+            distributed.sum_to_source_(recorded)
+            wide = growth.widen(Factors(U.detach(), S.detach(), V.detach()), *recorded) \
+                if distributed.is_source() else None
+            wide = distributed.broadcast_factors(wide, layer.matrix_shape, like=S)
+            if wide.S.shape[0] != layer.rank:
+                self._apply(layer, wide, widened=True)
+
+    def _apply(self, layer: LowRankLayer, new: BasisUpdate | Factors, widened: bool = False) -> None:
         """The one place factors change after the transition: the layer takes the new ``U``, ``Σ``, ``V`` (new
-        Parameters when the rank changes), ``Σ``'s optimizer entry follows, rotated by a basis update's ``u``, ``v``
-        (or fresh for plain ``Factors``: a restore, whose state is loaded next), and a wrapper holding old Parameters
-        is dropped."""
-        old_S = layer.lowrank_S
+        Parameters when the rank changes) and the optimizer entries of the trained ones (``Σ``; ``U``, ``V`` with
+        ``train_bases``) follow: rotated by a basis update (:func:`oialr.optim_state.rotate`, ``carry_basis``),
+        zero-padded when ``widened`` (:func:`oialr.optim_state.pad`), or fresh for other ``Factors`` (a restore,
+        whose state is loaded next); a wrapper holding old Parameters is dropped."""
+        old = (layer.lowrank_U, layer.lowrank_S, layer.lowrank_V)
         if layer.set_factors(new.U, new.S, new.V):
             self._wrapper.invalidate()
+        now = (layer.lowrank_U, layer.lowrank_S, layer.lowrank_V)
+        trained = (0, 1, 2) if self.config.train_bases else (1,)
         if isinstance(new, BasisUpdate):
-            optim_state.rotate(self.optimizer, old_S, layer.lowrank_S, new.u, new.v)
-        elif layer.lowrank_S is not old_S:
-            optim_state.swap_param(self.optimizer, old_S, layer.lowrank_S)
+            optim_state.rotate(self.optimizer, old[1], now[1], new.u, new.v)
+            if self.config.train_bases:
+                for i, T in zip((0, 2), new.basis_maps()):
+                    optim_state.carry_basis(self.optimizer, old[i], now[i], T)
+            return
+        for i in trained:
+            if widened:
+                optim_state.pad(self.optimizer, old[i], now[i])
+            elif now[i] is not old[i]:
+                optim_state.swap_param(self.optimizer, old[i], now[i])
 
     def _warn_unknown_optimizer(self) -> None:
         if optim_state.optimizer_kind(self.optimizer) is None and not self._warned_optimizer:
@@ -219,8 +287,20 @@ class OIALR:
             "trainable_params": trainable_params(self.model),
             "dense_trainable_params": self.dense_trainable_params,
             "stored_params": sum(p.numel() for p in self.model.parameters()),
+            **self._stored_fractions(),
             "layers": layers,
         }
+
+    def _stored_fractions(self) -> dict[str, float | None]:
+        """``stored_budget``; ``stored_fraction``: what the converted layers store now against their dense weights
+        (1.0 before the transition); ``cut_stored_fraction``: the same at the ranks the last cut kept (lower than
+        ``stored_fraction`` between updates with ``augment_bases``, which widens after the cut)."""
+        shapes = [info.shape for info in self.layer_infos if info.convert]
+        now = [layer.rank for layer in self.lowrank_layers().values()]
+        cut = [self.cut_ranks[name] for name in self.targets] if self.cut_ranks else None
+        return {"stored_budget": self.config.stored_budget,
+                "stored_fraction": budget.stored_fraction(shapes, now) if now else 1.0,
+                "cut_stored_fraction": budget.stored_fraction(shapes, cut) if cut else 1.0}
 
     def table(self) -> str:
         """A readable table of every eligible layer: shape, rank, parameters, why a layer stays dense."""
@@ -236,6 +316,7 @@ class OIALR:
             "transition_step": self.transition_step,
             "transition_reason": self.transition_reason,
             "ranks": {name: layer.rank for name, layer in self.lowrank_layers().items()},
+            "cut_ranks": dict(self.cut_ranks),
             **self.warmup.state_dict(),                 # "tracker", "rule"
             "dense_trainable_params": self.dense_trainable_params,
             "config": self.config.to_dict(),
@@ -257,6 +338,8 @@ class OIALR:
             raise ValueError("cannot restore a full-rank (pre-transition) state into a controller that already "
                              "converted the model; build a fresh model, optimizer and controller")
         self.warmup.load_state_dict(state)
+        if self._recorder is not None:
+            self._recorder.stop()
         if state["transition_step"] is not None and self.transition_step is None:
             self.transition(state["transition_reason"], ranks)
         elif state["transition_step"] is not None:
@@ -267,3 +350,5 @@ class OIALR:
         self.transition_step = state["transition_step"]
         self.transition_reason = state["transition_reason"]
         self.dense_trainable_params = state["dense_trainable_params"]
+        self.cut_ranks = dict(state.get("cut_ranks", ranks))
+        self._record_before_update()

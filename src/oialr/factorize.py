@@ -20,14 +20,24 @@ class Factors(NamedTuple):
 
 
 class BasisUpdate(NamedTuple):
-    """One layer's basis update: the new factors ``U (m×k)``, ``Σ (k×k)``, ``V (n×k)`` and the rotations
-    ``u``, ``v`` (``r×r``, the old rank) that carry ``Σ``'s optimizer state (:func:`oialr.optim_state.rotate`)."""
+    """One layer's basis update: the new factors ``U (m×k)``, ``Σ (k×k)``, ``V (n×k)``, the rotations ``u``, ``v``
+    (``r×r``, the old rank) that carry ``Σ``'s optimizer state (:func:`oialr.optim_state.rotate`) and the factors
+    ``R_U``, ``R_V`` (``r×r``) of the re-orthonormalisation ``U = Q_U R_U``, ``V = Q_V R_V`` (identity when the
+    basis had not drifted), which with ``u``, ``v`` carry trained bases' state (:meth:`basis_maps`)."""
 
     U: Tensor
     S: Tensor
     V: Tensor
     u: Tensor
     v: Tensor
+    R_U: Tensor
+    R_V: Tensor
+
+    def basis_maps(self) -> tuple[Tensor, Tensor]:
+        """``T_U = R_Uᵀ u[:, :k]``, ``T_V = R_Vᵀ v[:, :k]`` (``r×k``): the new ``U' = Q_U u_k = U R_U⁻¹ u_k``, so a
+        gradient ``g = ∂L/∂U`` becomes ``∂L/∂U' = g R_Uᵀ u_k = g T_U`` (likewise ``V``)."""
+        k = self.S.shape[0]
+        return self.R_U.mT @ self.u[:, :k], self.R_V.mT @ self.v[:, :k]
 
     @property
     def factors(self) -> Factors:
@@ -61,25 +71,30 @@ def transition_factors(matrix: Tensor, config: OIALRConfig, rank: int | None = N
     return Factors(*(t.to(matrix.dtype).contiguous() for t in (u[:, :rank], torch.diag(s[:rank]), v[:, :rank])))
 
 
-def basis_update(U: Tensor, S: Tensor, V: Tensor, config: OIALRConfig) -> BasisUpdate:
+def basis_update(U: Tensor, S: Tensor, V: Tensor, config: OIALRConfig, rank: int | None = None) -> BasisUpdate:
     """One basis update of ``W = U Σ Vᵀ`` (computed in float64, outside autocast).
 
     Re-orthonormalize a drifted basis (``U = Q R`` -> ``U ← Q``, ``Σ ← R Σ``; likewise ``V``, ``Σ ← Σ Rᵀ``), then
-    ``Σ = u diag(s) vᵀ`` and keep ``k`` values (:func:`oialr.linalg.select_rank` with the current rank as the
-    reference): returns ``U u[:, :k]``, ``diag(s[:k])``, ``V v[:, :k]`` and the full ``u``, ``v`` (``r×r``). The
-    product ``U Σ Vᵀ`` is unchanged but for the dropped values.
+    ``Σ = u diag(s) vᵀ`` and keep ``k`` values (``rank`` if given, e.g. by a size budget, else
+    :func:`oialr.linalg.select_rank` with the current rank as the reference): returns ``U u[:, :k]``,
+    ``diag(s[:k])``, ``V v[:, :k]``, the full ``u``, ``v`` (``r×r``) and the ``R`` factors. The product ``U Σ Vᵀ``
+    is unchanged but for the dropped values.
     """
     with torch.autocast(device_type=S.device.type, enabled=False):
         U64, S64, V64 = U.double(), S.double(), V.double()
+        r = S.shape[0]
+        R_U = R_V = torch.eye(r, dtype=torch.float64, device=S.device)
         tol = max(linalg.ORTHONORMALITY_TOL, 10 * torch.finfo(U.dtype).eps)
         if linalg.orthonormality_error(U64) > tol:
-            U64, R = linalg.orthonormalize(U64)
-            S64 = R @ S64
+            U64, R_U = linalg.orthonormalize(U64)
+            S64 = R_U @ S64
         if linalg.orthonormality_error(V64) > tol:
-            V64, R = linalg.orthonormalize(V64)
-            S64 = S64 @ R.mT
+            V64, R_V = linalg.orthonormalize(V64)
+            S64 = S64 @ R_V.mT
         u, s, v = linalg.svd(S64)
-        r = S.shape[0]
-        k = linalg.select_rank(s, cutoff=config.cutoff, max_rank=r, min_rank=config.min_rank,
-                               current_rank=r, max_drop_fraction=config.max_drop_fraction)
-        return BasisUpdate(U64 @ u[:, :k], torch.diag(s[:k]), V64 @ v[:, :k], u, v)
+        k = rank if rank is not None else linalg.select_rank(
+            s, cutoff=config.cutoff, max_rank=r, min_rank=config.min_rank, current_rank=r,
+            max_drop_fraction=config.max_drop_fraction)
+        if not 1 <= k <= r:
+            raise ValueError(f"a basis update keeps between 1 and the current rank {r} values, got rank={k}")
+        return BasisUpdate(U64 @ u[:, :k], torch.diag(s[:k]), V64 @ v[:, :k], u, v, R_U, R_V)
