@@ -58,9 +58,9 @@ class LowRankLayer(nn.Module):
     """Holds the factors of one weight matrix ``W (m×n) = U Σ Vᵀ``.
 
     ``lowrank_U (m×r)`` and ``lowrank_V (n×r)`` are frozen Parameters (``requires_grad=False``: no gradient, no
-    optimizer state; the controller lets them train with ``OIALRConfig(train_bases=True)``); ``lowrank_S`` is ``Σ (r×r)``, a full square trainable matrix. Subclasses hold the rest of the
-    original layer (its bias Parameter object, strides, ...) and implement ``forward``, ``to_dense`` and
-    ``_two_layers``.
+    optimizer state; the controller lets them train with ``OIALRConfig(train_bases=True)``); ``lowrank_S`` is
+    ``Σ (r×r)``, a full square trainable matrix. Subclasses hold the rest of the original layer (its bias Parameter
+    object, strides, ...) and implement ``forward``, ``to_dense`` and ``_two_layers``.
     """
 
     def __init__(self, U: Tensor, S: Tensor, V: Tensor) -> None:
