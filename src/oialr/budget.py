@@ -32,9 +32,9 @@ def check_budget(shapes: Sequence[tuple[int, int]], budget: float, min_rank: int
     lowest = min_stored_fraction(shapes, min_rank)
     if budget < lowest:
         raise ValueError(f"stored_budget={budget} cannot be met: with every converted layer at rank "
-                         f"{min_rank} (min_rank) the factored layers still store {lowest:.4f} of the dense "
-                         f"parameters they replace; raise stored_budget to at least {lowest:.4f}, lower min_rank, or "
-                         "convert fewer layers (exclude_modules)")
+                         f"{min_rank} (min_rank) the factored layers still store {lowest:.6g} of the dense "
+                         f"parameters they replace; raise stored_budget to at least {math.ceil(lowest * 1e4) / 1e4}, "
+                         "lower min_rank, or convert fewer layers (exclude_modules)")
 
 
 def allocate_ranks(spectra: Sequence[Tensor], shapes: Sequence[tuple[int, int]], budget: float,
