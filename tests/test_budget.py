@@ -53,7 +53,8 @@ def test_unreachable_budget_is_a_clear_error():
     with pytest.raises(ValueError, match=rf"stored_budget=0.1 cannot be met.*rank 2 \(min_rank\).*{lowest:.6g}"):
         check_budget(shapes, 0.1, 2)
     model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
-    with pytest.raises(ValueError, match=r"stored_budget=0.05 cannot be met.*still store 0.128906 .*raise stored_budget to at least 0.129,"):
+    with pytest.raises(ValueError, match=r"stored_budget=0.05 cannot be met.*still store 0.128906 .*raise "
+                                         r"stored_budget to at least 0.129,"):
         OIALR(model, torch.optim.SGD(model.parameters(), lr=0.1), OIALRConfig(stored_budget=0.05))
 
 
