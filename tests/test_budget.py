@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from oialr import OIALR, OIALRConfig
+from oialr.cli.settings import ConfigError, build_config
 from oialr.budget import allocate_ranks, check_budget, marginal_cost, min_stored_fraction, stored_fraction
 from oialr.factorize import stored_params
 from models import MODELS, batches
@@ -99,3 +100,10 @@ def test_budget_caps_what_the_cutoff_keeps():
     both = OIALR(model, opt, OIALRConfig(warmup_steps=0, cutoff=0.6, stored_budget=1.0))
     assert {n: layer.rank for n, layer in both.lowrank_layers().items()} == cutoff_ranks      # budget not binding
     assert both.summary()["stored_fraction"] <= 1.0
+
+
+def test_the_cli_settings_reach_the_config():
+    cfg = build_config(overrides=["oialr.stored_budget=0.25", "oialr.augment_bases=true", "oialr.train_bases=true"])
+    assert (cfg.oialr.stored_budget, cfg.oialr.augment_bases, cfg.oialr.train_bases) == (0.25, True, True)
+    with pytest.raises(ConfigError, match=r"oialr.stored_budget must be None or a fraction in \(0, 1\]"):
+        build_config(overrides=["oialr.stored_budget=25"])

@@ -85,6 +85,17 @@ def stored_fraction(shapes: Sequence[tuple[int, int]], ranks: Sequence[int]) -> 
     return sum(stored_params(m, n, r) for (m, n), r in zip(shapes, ranks)) / sum(m * n for m, n in shapes)
 
 
+def stored_fractions(shapes: Sequence[tuple[int, int]], budget: float | None, ranks: Sequence[int],
+                     cut_ranks: Sequence[int]) -> dict[str, float | None]:
+    """What :meth:`oialr.OIALR.summary` reports: ``stored_budget``; ``stored_fraction``, what the converted layers
+    store now against their dense weights (1.0 before the transition, when ``ranks`` is empty);
+    ``cut_stored_fraction``, the same at the ranks the last cut kept (lower than ``stored_fraction`` between updates
+    with ``augment_bases``, which widens after the cut)."""
+    return {"stored_budget": budget,
+            "stored_fraction": stored_fraction(shapes, ranks) if ranks else 1.0,
+            "cut_stored_fraction": stored_fraction(shapes, cut_ranks) if cut_ranks else 1.0}
+
+
 def singular_values(U: Tensor, S: Tensor, V: Tensor) -> Tensor:
     """Singular values of ``W = U Σ Vᵀ`` without forming ``W``: with thin QRs ``U = Q_U R_U``, ``V = Q_V R_V``,
     ``W = Q_U (R_U Σ R_Vᵀ) Q_Vᵀ`` has the singular values of the ``r×r`` core ``R_U Σ R_Vᵀ`` (``R = I`` for

@@ -4,14 +4,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from . import budget, distributed, growth, linalg, optim_state
+from . import basis_updates, budget, distributed, growth, linalg, optim_state
 from ._checks import check_state_version, warn
 from .auto_transition import PlateauRule
 from .config import OIALRConfig
 from .convert import convert_layer
-from .factorize import BasisUpdate, Factors, basis_update, placeholder_factors, stored_params, transition_factors
+from .factorize import placeholder_factors, stored_params, transition_factors
 from .layers import LowRankLayer
 from .stability import StabilityTracker
 from .targets import SUPPORTED, LayerInfo, find_layers, format_table, layer_weight, trainable_params
@@ -189,73 +189,17 @@ class OIALR:
 
     @torch.no_grad()
     def update_bases(self, grow: bool = True) -> None:
-        """Basis update of every factored layer (:func:`oialr.factorize.basis_update`; ranks by
-        :func:`oialr.budget.update_ranks` under a ``stored_budget``), computed by process 0 and broadcast under
-        ``torch.distributed``, then applied on every process (:meth:`_apply`). With ``augment_bases`` the bases are
-        then widened by the gradient recorded since the step before (:meth:`_grow`); ``grow=False`` skips that, e.g.
-        as a run's last call so that the final model keeps only the cut ranks."""
+        """Basis update of every factored layer (:func:`oialr.basis_updates.update_all`: ranks by the cutoff or
+        the ``stored_budget``, computed by process 0 and broadcast under ``torch.distributed``). With
+        ``augment_bases`` the bases are then widened by the gradient recorded since the step before; ``grow=False``
+        skips that, e.g. as a run's last call so that the final model keeps only the cut ranks."""
         self._warn_unknown_optimizer()
         grads = self._recorder.stop() if self._recorder is not None else {}
-        layers = self.lowrank_layers()
-        updates = None
-        if distributed.is_source():
-            ranks = [None] * len(layers) if self.config.stored_budget is None else budget.update_ranks(
-                [Factors(lay.lowrank_U, lay.lowrank_S, lay.lowrank_V) for lay in layers.values()], self.config)
-            updates = [self._basis_update(name, layer, k) for (name, layer), k in zip(layers.items(), ranks)]
-        shapes = [(*layer.matrix_shape, layer.rank) for layer in layers.values()]
-        like = next(iter(layers.values())).lowrank_S
-        for layer, update in zip(layers.values(), distributed.broadcast_updates(updates, shapes, like,
-                                                                                 self.config.train_bases)):
-            if update is not None:
-                self._apply(layer, update)
-        self.cut_ranks = {name: layer.rank for name, layer in layers.items()}
-        if grow and self._recorder is not None:
-            self._grow(layers, grads)
-
-    def _basis_update(self, name: str, layer: LowRankLayer, rank: int | None) -> BasisUpdate | None:
-        if not torch.isfinite(layer.lowrank_S).all():
-            warn(f"OIALR: Σ of layer {name!r} has non-finite entries at step {self.step_count}; its basis update is "
-                 "skipped (the factors are left as they are)")
-            return None
-        return basis_update(layer.lowrank_U, layer.lowrank_S, layer.lowrank_V, self.config, rank)
-
-    def _grow(self, layers: dict[str, LowRankLayer], grads: dict[str, tuple[Tensor, Tensor]]) -> None:
-        """Widen every layer by :func:`oialr.growth.widen` with the recorded ``∂L/∂U``, ``∂L/∂V`` (summed over the
-        processes onto process 0, which computes the new directions and broadcasts the factors)."""
-        for name, layer in layers.items():
-            U, S, V = layer.lowrank_U, layer.lowrank_S, layer.lowrank_V
-            recorded = grads.get(name)
-            if recorded is None or recorded[0].shape[0] != U.shape[0]:
-                recorded = (U.new_zeros(U.shape), V.new_zeros(V.shape))   # no gradient seen: nothing to add
-            distributed.sum_to_source_(recorded)
-            wide = growth.widen(Factors(U.detach(), S.detach(), V.detach()), *recorded) \
-                if distributed.is_source() else None
-            wide = distributed.broadcast_factors(wide, layer.matrix_shape, like=S)
-            if wide.S.shape[0] != layer.rank:
-                self._apply(layer, wide, widened=True)
-
-    def _apply(self, layer: LowRankLayer, new: BasisUpdate | Factors, widened: bool = False) -> None:
-        """The one place factors change after the transition: the layer takes the new ``U``, ``Σ``, ``V`` (new
-        Parameters when the rank changes) and the optimizer entries of the trained ones (``Σ``; ``U``, ``V`` with
-        ``train_bases``) follow: rotated by a basis update (:func:`oialr.optim_state.rotate`, ``carry_basis``),
-        zero-padded when ``widened`` (:func:`oialr.optim_state.pad`), or fresh for other ``Factors`` (a restore,
-        whose state is loaded next); a wrapper holding old Parameters is dropped."""
-        old = (layer.lowrank_U, layer.lowrank_S, layer.lowrank_V)
-        if layer.set_factors(new.U, new.S, new.V):
+        replaced, self.cut_ranks = basis_updates.update_all(
+            self.lowrank_layers(), self.optimizer, self.config, self.step_count,
+            grads if grow and self._recorder is not None else None)
+        if replaced:
             self._wrapper.invalidate()
-        now = (layer.lowrank_U, layer.lowrank_S, layer.lowrank_V)
-        trained = (0, 1, 2) if self.config.train_bases else (1,)
-        if isinstance(new, BasisUpdate):
-            optim_state.rotate(self.optimizer, old[1], now[1], new.u, new.v)
-            if self.config.train_bases:
-                for i, T in zip((0, 2), new.basis_maps()):
-                    optim_state.carry_basis(self.optimizer, old[i], now[i], T)
-            return
-        for i in trained:
-            if widened:
-                optim_state.pad(self.optimizer, old[i], now[i])
-            elif now[i] is not old[i]:
-                optim_state.swap_param(self.optimizer, old[i], now[i])
 
     def _warn_unknown_optimizer(self) -> None:
         if optim_state.optimizer_kind(self.optimizer) is None and not self._warned_optimizer:
@@ -287,20 +231,11 @@ class OIALR:
             "trainable_params": trainable_params(self.model),
             "dense_trainable_params": self.dense_trainable_params,
             "stored_params": sum(p.numel() for p in self.model.parameters()),
-            **self._stored_fractions(),
+            **budget.stored_fractions([i.shape for i in self.layer_infos if i.convert], self.config.stored_budget,
+                                      [layer.rank for layer in self.lowrank_layers().values()],
+                                      [self.cut_ranks[name] for name in self.targets] if self.cut_ranks else []),
             "layers": layers,
         }
-
-    def _stored_fractions(self) -> dict[str, float | None]:
-        """``stored_budget``; ``stored_fraction``: what the converted layers store now against their dense weights
-        (1.0 before the transition); ``cut_stored_fraction``: the same at the ranks the last cut kept (lower than
-        ``stored_fraction`` between updates with ``augment_bases``, which widens after the cut)."""
-        shapes = [info.shape for info in self.layer_infos if info.convert]
-        now = [layer.rank for layer in self.lowrank_layers().values()]
-        cut = [self.cut_ranks[name] for name in self.targets] if self.cut_ranks else None
-        return {"stored_budget": self.config.stored_budget,
-                "stored_fraction": budget.stored_fraction(shapes, now) if now else 1.0,
-                "cut_stored_fraction": budget.stored_fraction(shapes, cut) if cut else 1.0}
 
     def table(self) -> str:
         """A readable table of every eligible layer: shape, rank, parameters, why a layer stays dense."""
@@ -345,7 +280,9 @@ class OIALR:
         elif state["transition_step"] is not None:
             for name, layer in self.lowrank_layers().items():
                 if layer.rank != ranks[name]:           # placeholder values of the saved rank
-                    self._apply(layer, placeholder_factors(*layer.matrix_shape, ranks[name], like=layer.lowrank_S))
+                    new = placeholder_factors(*layer.matrix_shape, ranks[name], like=layer.lowrank_S)
+                    if basis_updates.apply_factors(layer, self.optimizer, new, self.config.train_bases):
+                        self._wrapper.invalidate()
         self.step_count = state["step"]
         self.transition_step = state["transition_step"]
         self.transition_reason = state["transition_reason"]

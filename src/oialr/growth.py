@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from . import linalg
+from . import distributed, linalg
 from .factorize import Factors
 from .layers import LowRankLayer
 
@@ -61,6 +61,22 @@ def widen(factors: Factors, grad_U: Tensor, grad_V: Tensor, rtol: float = GRADIE
     S_wide = S.new_zeros(k + p, k + p)
     S_wide[:k, :k] = S
     return Factors(torch.cat([U, Q_U[:, :p].to(U)], dim=1), S_wide, torch.cat([V, Q_V[:, :p].to(V)], dim=1))
+
+
+def widen_all(layers: dict[str, LowRankLayer], grads: dict[str, tuple[Tensor, Tensor]]) -> list[Factors]:
+    """:func:`widen` for every layer, with its recorded ``∂L/∂U``, ``∂L/∂V`` (zeros where none was recorded, or
+    recorded for another rank: nothing is added), summed over the processes onto process 0, which computes the new
+    factors; every process gets process 0's (:func:`oialr.distributed.broadcast_factors`)."""
+    out = []
+    for name, layer in layers.items():
+        U, S, V = layer.lowrank_U.detach(), layer.lowrank_S.detach(), layer.lowrank_V.detach()
+        recorded = grads.get(name)
+        if recorded is None or recorded[0].shape[0] != U.shape[0]:
+            recorded = (torch.zeros_like(U), torch.zeros_like(V))
+        distributed.sum_to_source_(recorded)
+        wide = widen(Factors(U, S, V), *recorded) if distributed.is_source() else None
+        out.append(distributed.broadcast_factors(wide, layer.matrix_shape, like=S))
+    return out
 
 
 class GradientRecorder:

@@ -1,0 +1,72 @@
+"""The basis update of all factored layers (ranks by the cutoff or a size budget, process 0's SVDs broadcast, then
+growth), and the one place a factored layer and the optimizer take new factors."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import budget, distributed, growth, optim_state
+from ._checks import warn
+from .config import OIALRConfig
+from .factorize import BasisUpdate, Factors, basis_update
+from .layers import LowRankLayer
+
+
+def update_all(layers: dict[str, LowRankLayer], optimizer, config: OIALRConfig, step: int,
+               grads: dict[str, tuple[Tensor, Tensor]] | None) -> tuple[bool, dict[str, int]]:
+    """Basis update of every layer in ``layers`` (:func:`oialr.factorize.basis_update`; ranks by
+    :func:`oialr.budget.update_ranks` under ``config.stored_budget``), computed by process 0 and broadcast, applied on
+    every process (:func:`apply_factors`); then, with ``grads`` (``augment_bases``: the recorded ``∂L/∂U``,
+    ``∂L/∂V``), every layer widened (:func:`oialr.growth.widen_all`). A layer whose ``Σ`` is not finite is skipped
+    (warned). Returns whether Parameter objects were replaced and the ranks the cut kept (before growth)."""
+    updates = None
+    if distributed.is_source():
+        ranks = [None] * len(layers) if config.stored_budget is None else budget.update_ranks(
+            [Factors(lay.lowrank_U, lay.lowrank_S, lay.lowrank_V) for lay in layers.values()], config)
+        updates = [_one_update(name, layer, config, rank, step) for (name, layer), rank in zip(layers.items(), ranks)]
+    shapes = [(*layer.matrix_shape, layer.rank) for layer in layers.values()]
+    like = next(iter(layers.values())).lowrank_S
+    replaced = False
+    for layer, update in zip(layers.values(), distributed.broadcast_updates(updates, shapes, like,
+                                                                             config.train_bases)):
+        if update is not None:
+            replaced |= apply_factors(layer, optimizer, update, config.train_bases)
+    cut = {name: layer.rank for name, layer in layers.items()}
+    if grads is not None:
+        for layer, wide in zip(layers.values(), growth.widen_all(layers, grads)):
+            if wide.S.shape[0] != layer.rank:
+                replaced |= apply_factors(layer, optimizer, wide, config.train_bases, widened=True)
+    return replaced, cut
+
+
+def _one_update(name: str, layer: LowRankLayer, config: OIALRConfig, rank: int | None,
+                step: int) -> BasisUpdate | None:
+    if not torch.isfinite(layer.lowrank_S).all():
+        warn(f"OIALR: Σ of layer {name!r} has non-finite entries at step {step}; its basis update is skipped (the "
+             "factors are left as they are)")
+        return None
+    return basis_update(layer.lowrank_U, layer.lowrank_S, layer.lowrank_V, config, rank)
+
+
+def apply_factors(layer: LowRankLayer, optimizer, new: BasisUpdate | Factors, train_bases: bool,
+                  widened: bool = False) -> bool:
+    """The one place factors change after the transition: the layer takes the new ``U``, ``Σ``, ``V`` (new
+    Parameters when the rank changes) and the optimizer entries of the trained ones (``Σ``; ``U``, ``V`` with
+    ``train_bases``) follow: rotated by a basis update (:func:`oialr.optim_state.rotate`, ``carry_basis``),
+    zero-padded when ``widened`` (:func:`oialr.optim_state.pad`), or fresh for other ``Factors`` (a restore, whose
+    state is loaded next). Returns whether Parameter objects were replaced (a wrapper holding them is stale)."""
+    old = (layer.lowrank_U, layer.lowrank_S, layer.lowrank_V)
+    replaced = layer.set_factors(new.U, new.S, new.V)
+    now = (layer.lowrank_U, layer.lowrank_S, layer.lowrank_V)
+    if isinstance(new, BasisUpdate):
+        optim_state.rotate(optimizer, old[1], now[1], new.u, new.v)
+        if train_bases:
+            for i, T in zip((0, 2), new.basis_maps()):
+                optim_state.carry_basis(optimizer, old[i], now[i], T)
+        return replaced
+    for i in (0, 1, 2) if train_bases else (1,):
+        if widened:
+            optim_state.pad(optimizer, old[i], now[i])
+        elif now[i] is not old[i]:
+            optim_state.swap_param(optimizer, old[i], now[i])
+    return replaced
