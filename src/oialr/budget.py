@@ -11,7 +11,7 @@ from torch import Tensor
 
 from . import linalg
 from .config import OIALRConfig
-from .factorize import Factors, stored_params
+from .factorize import cut_rank, stored_params
 
 
 def marginal_cost(m: int, n: int, r: int) -> int:
@@ -59,13 +59,14 @@ def allocate_ranks(spectra: Sequence[Tensor], shapes: Sequence[tuple[int, int]],
         raise ValueError("spectra, shapes, floors and caps must have one entry per layer")
     room = budget * sum(m * n for m, n in shapes) - sum(stored_params(m, n, f) for (m, n), f in zip(shapes, floors))
     ranks = list(floors)
+    squares = [(s.double() ** 2).tolist() for s in spectra]
+    energies = [sum(sq) for sq in squares]
     heap: list[tuple[float, int]] = []
 
     def push(layer: int) -> None:
-        r, s = ranks[layer], spectra[layer]
-        if r < min(caps[layer], s.numel()):
-            energy = float((s.double() ** 2).sum())
-            worth = float(s[r].double() ** 2) / energy if energy > 0 else 0.0
+        r, sq, energy = ranks[layer], squares[layer], energies[layer]
+        if r < min(caps[layer], len(sq)):
+            worth = sq[r] / energy if energy > 0 else 0.0
             heapq.heappush(heap, (-worth / marginal_cost(*shapes[layer], r), layer))
 
     for layer in range(len(ranks)):
@@ -96,15 +97,6 @@ def stored_fractions(shapes: Sequence[tuple[int, int]], budget: float | None, ra
             "cut_stored_fraction": stored_fraction(shapes, cut_ranks) if cut_ranks else 1.0}
 
 
-def singular_values(U: Tensor, S: Tensor, V: Tensor) -> Tensor:
-    """Singular values of ``W = U Σ Vᵀ`` without forming ``W``: with thin QRs ``U = Q_U R_U``, ``V = Q_V R_V``,
-    ``W = Q_U (R_U Σ R_Vᵀ) Q_Vᵀ`` has the singular values of the ``r×r`` core ``R_U Σ R_Vᵀ`` (``R = I`` for
-    orthonormal bases). Float64, descending."""
-    with torch.autocast(device_type=S.device.type, enabled=False):
-        R_U = torch.linalg.qr(U.detach().double(), mode="r")[1]
-        R_V = torch.linalg.qr(V.detach().double(), mode="r")[1]
-        return torch.linalg.svdvals(R_U @ S.detach().double() @ R_V.mT)
-
 
 def transition_ranks(matrices: Sequence[Tensor], config: OIALRConfig) -> list[int]:
     """The transition's ranks under ``config.stored_budget``: per weight ``W (m×n)`` the floor is
@@ -118,23 +110,20 @@ def transition_ranks(matrices: Sequence[Tensor], config: OIALRConfig) -> list[in
     return allocate_ranks(spectra, [tuple(w.shape) for w in matrices], config.stored_budget, floors, caps)
 
 
-def update_ranks(layers: Sequence[Factors], config: OIALRConfig) -> list[int]:
-    """A basis update's ranks under ``config.stored_budget``: per layer at rank ``r`` the floor is
-    ``max(min_rank, r − floor(max_drop_fraction · r))`` (at most ``r``) and the cap what the cutoff keeps
-    (:func:`oialr.linalg.select_rank` on :func:`singular_values`, which the update's SVD of ``Σ`` reproduces); a
-    layer with a non-finite ``Σ`` (whose update is skipped) stays at ``r``."""
-    spectra, floors, caps = [], [], []
-    for U, S, V in layers:
-        r = S.shape[0]
-        if torch.isfinite(S).all():
-            s = singular_values(U, S, V)
-            cap = linalg.select_rank(s, cutoff=config.cutoff, max_rank=r, min_rank=config.min_rank,
-                                     current_rank=r, max_drop_fraction=config.max_drop_fraction)
-            floor = min(r, max(config.min_rank, r - math.floor(config.max_drop_fraction * r)))
-        else:
-            s, cap, floor = S.new_zeros(r, dtype=torch.float64), r, r
-        spectra.append(s)
-        floors.append(floor)
-        caps.append(cap)
-    shapes = [(U.shape[0], V.shape[0]) for U, _, V in layers]
-    return allocate_ranks(spectra, shapes, config.stored_budget, floors, caps)
+def update_ranks(spectra: Sequence[Tensor | None], shapes: Sequence[tuple[int, int]], ranks: Sequence[int],
+                 config: OIALRConfig) -> list[int]:
+    """A basis update's ranks under ``config.stored_budget``, from each layer's singular values (the update's SVD
+    of ``Σ``, :func:`oialr.factorize.rotation`; ``None`` for a layer whose update is skipped, which stays at its
+    rank): per layer at rank ``r`` the floor is ``max(min_rank, r − floor(max_drop_fraction · r))`` (at most ``r``)
+    and the cap what the cutoff keeps (:func:`oialr.factorize.cut_rank`)."""
+    floors, caps, values = [], [], []
+    for s, r in zip(spectra, ranks):
+        if s is None:
+            floors.append(r)
+            caps.append(r)
+            values.append(torch.zeros(r, dtype=torch.float64))
+            continue
+        floors.append(min(r, max(config.min_rank, r - math.floor(config.max_drop_fraction * r))))
+        caps.append(cut_rank(s, config))
+        values.append(s)
+    return allocate_ranks(values, shapes, config.stored_budget, floors, caps)

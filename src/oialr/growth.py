@@ -8,7 +8,7 @@ backward passes; :func:`widen` turns them into new directions::
 
     P_U = (I − U Uᵀ) ∂L/∂U,   P_V = (I − V Vᵀ) ∂L/∂V            (what the bases miss)
     Q_U (m×p), Q_V (n×p)    the leading left singular vectors of P_U, P_V (values above rtol · ‖∂L/∂·‖_F),
-                             projected off the basis once more and re-orthonormalised (QR)
+                             from a thin QR ``P = Q R`` and the SVD of the small ``R = a diag(s) bᵀ``: ``Q a``
     U' = [U, Q_U],  V' = [V, Q_V],  Σ' = [[Σ, 0], [0, 0]]       ((k+p)×(k+p); U' Σ' V'ᵀ = U Σ Vᵀ)
 
 with ``p <= min(k, min(m, n) − k)`` (at most doubling the rank, as the rank-adaptive integrator of DLRT augments
@@ -40,11 +40,10 @@ def new_directions(basis: Tensor, grad: Tensor, count: int, rtol: float = GRADIE
         return B.new_zeros(B.shape[0], 0)
     P = g - B @ (B.mT @ g)
     P = P - B @ (B.mT @ P)                                       # twice is enough (Kahan–Parlett)
-    a, s, _ = linalg.svd(P)
+    Q, R = torch.linalg.qr(P)                                    # P = Q R, then R = a diag(s) bᵀ (q×q):
+    a, s, _ = linalg.svd(R)                                      # P's left singular vectors are Q a
     p = min(count, int((s > rtol * scale).sum()))
-    Q = a[:, :p]
-    Q = Q - B @ (B.mT @ Q)
-    return linalg.orthonormalize(Q)[0] if p else Q
+    return Q @ a[:, :p]
 
 
 def widen(factors: Factors, grad_U: Tensor, grad_V: Tensor, rtol: float = GRADIENT_RTOL) -> Factors:
