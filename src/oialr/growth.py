@@ -63,15 +63,13 @@ def widen(factors: Factors, grad_U: Tensor, grad_V: Tensor, rtol: float = GRADIE
 
 
 def widen_all(layers: dict[str, LowRankLayer], grads: dict[str, tuple[Tensor, Tensor]]) -> list[Factors]:
-    """:func:`widen` for every layer, with its recorded ``∂L/∂U``, ``∂L/∂V`` (zeros where none was recorded, or
-    recorded for another rank: nothing is added), summed over the processes onto process 0, which computes the new
+    """:func:`widen` for every layer, with its recorded ``∂L/∂U``, ``∂L/∂V`` (of the bases before the update's cut;
+    zeros where none was recorded: nothing is added), summed over the processes onto process 0, which computes the new
     factors; every process gets process 0's (:func:`oialr.distributed.broadcast_factors`)."""
     out = []
     for name, layer in layers.items():
         U, S, V = layer.lowrank_U.detach(), layer.lowrank_S.detach(), layer.lowrank_V.detach()
-        recorded = grads.get(name)
-        if recorded is None or recorded[0].shape[0] != U.shape[0]:
-            recorded = (torch.zeros_like(U), torch.zeros_like(V))
+        recorded = grads.get(name) or (torch.zeros_like(U), torch.zeros_like(V))
         distributed.sum_to_source_(recorded)
         wide = widen(Factors(U, S, V), *recorded) if distributed.is_source() else None
         out.append(distributed.broadcast_factors(wide, layer.matrix_shape, like=S))
