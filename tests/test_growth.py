@@ -175,3 +175,16 @@ def test_resume_after_growth_is_exact(train_bases):
     a, b = opt.state_dict()["state"], resumed_opt.state_dict()["state"]
     assert a.keys() == b.keys()
     assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
+
+
+def test_growth_at_the_first_update_after_a_transition_at_construction():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctl = OIALR(model, opt, OIALRConfig(warmup_steps=0, update_every=1, cutoff=0.0, rank_fraction=0.25,
+                                        augment_bases=True))
+    x, y = batches((8, 16), 4, 1)[0]
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    ctl.step()
+    assert ctl.cut_ranks == {"0": 4} and ctl.lowrank_layers()["0"].rank == 8

@@ -102,6 +102,7 @@ class OIALR:
         self.warmup = WarmupEnd(model, self.config, self.targets, tracker)
         if self.config.warmup_steps == 0:
             self.transition("warmup_steps=0: converted when the controller was built")
+            self._record_before_update()
 
     # ------------------------------------------------------------------ schedule
     @property
