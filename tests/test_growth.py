@@ -188,3 +188,20 @@ def test_growth_at_the_first_update_after_a_transition_at_construction():
     opt.step()
     ctl.step()
     assert ctl.cut_ranks == {"0": 4} and ctl.lowrank_layers()["0"].rank == 8
+
+
+def test_a_last_update_without_growth_leaves_the_model_within_the_budget():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    ctl = OIALR(model, opt, OIALRConfig(warmup_steps=1, update_every=2, cutoff=0.0, stored_budget=0.5,
+                                        augment_bases=True))
+    for x, y in batches((16, 16), 4, 3, seed=2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        ctl.step()
+    assert ctl.summary()["stored_fraction"] > 0.5 >= ctl.summary()["cut_stored_fraction"]
+    ctl.update_bases(grow=False)
+    assert {n: layer.rank for n, layer in ctl.lowrank_layers().items()} == ctl.cut_ranks
+    assert ctl.summary()["stored_fraction"] == ctl.summary()["cut_stored_fraction"] <= 0.5
