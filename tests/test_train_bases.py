@@ -46,7 +46,8 @@ def test_bases_join_sigmas_group_move_and_are_reorthonormalised():
 
 
 def test_bases_optimizer_state_is_carried_through_the_update():
-    """m_U' = m_U R_Uᵀ u_k (exact for the first moment), v_U' = v_U (T∘T), step kept."""
+    """m_U' = m_U R_Uᵀ u_k (exact for the first moment), v_U' = v_U (T∘T), step kept; Σ's first moment follows
+    the re-orthonormalisation too: m_Σ' = (R_U⁻¹ u_k)ᵀ m_Σ (R_V⁻¹ v_k)."""
     torch.manual_seed(0)
     model = mlp()
     opt = torch.optim.Adam(model.parameters(), lr=3e-2)
@@ -61,20 +62,25 @@ def test_bases_optimizer_state_is_carried_through_the_update():
     expected, expected_rank = {}, {}
     for name, layer in ctl.lowrank_layers().items():
         U, S, V = layer.lowrank_U, layer.lowrank_S, layer.lowrank_V
-        T_U, T_V = basis_update(U, S, V, config).basis_maps()
+        update = basis_update(U, S, V, config)
+        T_U, T_V = update.basis_maps()
+        u = torch.linalg.solve_triangular(update.R_U, update.u, upper=True)[:, :update.S.shape[0]]
+        v = torch.linalg.solve_triangular(update.R_V, update.v, upper=True)[:, :update.S.shape[0]]
+        expected_S = u.mT @ opt.state[S]["exp_avg"].double() @ v
         expected_rank[name] = S.shape[0]
         state_U, state_V = opt.state[U], opt.state[V]
         expected[name] = [(state_U["exp_avg"].double() @ T_U, state_U["exp_avg_sq"].double() @ (T_U * T_U),
-                           state_U["step"].clone()), (state_V["exp_avg"].double() @ T_V, None, None)]
+                           state_U["step"].clone()), (state_V["exp_avg"].double() @ T_V, None, None), expected_S]
     ctl.step()                                                             # step 4: the update
     truncated = False
     for name, layer in ctl.lowrank_layers().items():
-        (m_U, v_U, step), (m_V, _, _) = expected[name]
+        (m_U, v_U, step), (m_V, _, _), m_S = expected[name]
         truncated |= layer.rank < expected_rank[name]
         assert torch.allclose(opt.state[layer.lowrank_U]["exp_avg"].double(), m_U, atol=1e-6)
         assert torch.allclose(opt.state[layer.lowrank_U]["exp_avg_sq"].double(), v_U, atol=1e-9)
         assert torch.equal(opt.state[layer.lowrank_U]["step"], step)
         assert torch.allclose(opt.state[layer.lowrank_V]["exp_avg"].double(), m_V, atol=1e-6)
+        assert torch.allclose(opt.state[layer.lowrank_S]["exp_avg"].double(), m_S, atol=1e-6)
     assert truncated, "the test needs a layer whose rank the update cuts"
 
 

@@ -55,14 +55,20 @@ def apply_factors(layer: LowRankLayer, optimizer, new: BasisUpdate | Factors, tr
                   widened: bool = False) -> bool:
     """The one place factors change after the transition: the layer takes the new ``U``, ``Σ``, ``V`` (new
     Parameters when the rank changes) and the optimizer entries of the trained ones (``Σ``; ``U``, ``V`` with
-    ``train_bases``) follow: rotated by a basis update (:func:`oialr.optim_state.rotate`, ``carry_basis``),
+    ``train_bases``) follow: rotated by a basis update (:func:`oialr.optim_state.rotate`, ``carry_basis``; with
+    trained bases ``Σ``'s state also follows the re-orthonormalisation: ``R_U Σ R_Vᵀ = u diag(s) vᵀ`` gives
+    ``∂L/∂Σ' = (R_U⁻¹ u)ᵀ (∂L/∂Σ) (R_V⁻¹ v)``),
     zero-padded when ``widened`` (:func:`oialr.optim_state.pad`), or fresh for other ``Factors`` (a restore, whose
     state is loaded next). Returns whether Parameter objects were replaced (a wrapper holding them is stale)."""
     old = (layer.lowrank_U, layer.lowrank_S, layer.lowrank_V)
     replaced = layer.set_factors(new.U, new.S, new.V)
     now = (layer.lowrank_U, layer.lowrank_S, layer.lowrank_V)
     if isinstance(new, BasisUpdate):
-        optim_state.rotate(optimizer, old[1], now[1], new.u, new.v)
+        u, v = new.u, new.v
+        if train_bases:             # Σ's coordinates moved by R too: ∂L/∂Σ' = (R_U⁻¹u)ᵀ ∂L/∂Σ (R_V⁻¹v)
+            u = torch.linalg.solve_triangular(new.R_U, u, upper=True)
+            v = torch.linalg.solve_triangular(new.R_V, v, upper=True)
+        optim_state.rotate(optimizer, old[1], now[1], u, v)
         if train_bases:
             for i, T in zip((0, 2), new.basis_maps()):
                 optim_state.carry_basis(optimizer, old[i], now[i], T)
