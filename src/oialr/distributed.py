@@ -170,7 +170,8 @@ def broadcast_updates(updates: Sequence[BasisUpdate | None] | None, shapes: Sequ
 # ---------------------------------------------------------------------------------------------------- setup
 def ddp(module: nn.Module) -> nn.Module:
     """``DistributedDataParallel(module)``, with ``device_ids`` when ``module`` is on a GPU. ``U`` and ``V`` have
-    ``requires_grad=False``, so DDP neither syncs nor waits for them; ``find_unused_parameters`` stays off."""
+    ``requires_grad=False`` (unless ``train_bases``), so DDP neither syncs nor waits for them;
+    ``find_unused_parameters`` stays off."""
     where = next(module.parameters()).device
     return nn.parallel.DistributedDataParallel(module, device_ids=[where.index] if where.type == "cuda" else None)
 
