@@ -39,7 +39,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
 
 from oialr import files  # noqa: E402
-from oialr.cli.compare import aggregate_table, compare_table  # noqa: E402
+import grid_plots  # noqa: E402
+from oialr.cli.compare import aggregate_table, compare_table, load_results  # noqa: E402
 
 ARCHIVED = ("results.json", "metrics.jsonl")
 
@@ -168,8 +169,17 @@ def write_report(grid: dict) -> str:
              "```bash", f".venv/bin/python benchmarks/experiments.py {os.path.relpath(grid['path'], ROOT)}", "```", "",
              "## Mean ± std over seeds", "", aggregate_table(finished) if finished else "(no finished run yet)", "",
              "## Every run", "",
-             compare_table([d for dirs in finished.values() for d in dirs]) if finished else "(none)", "",
-             "## Groups", ""]
+             compare_table([d for dirs in finished.values() for d in dirs]) if finished else "(none)", ""]
+    if finished and any(load_results(d).get("val_bpb") is not None for dirs in finished.values() for d in dirs):
+        folder = os.path.splitext(os.path.join(ROOT, grid["report"]))[0]
+        name = os.path.basename(folder)
+        try:
+            grid_plots.render(grid_plots.bpb_curves(finished), grid_plots.bpb_by_stored(finished), folder)
+            lines += ["## Figures", "", f"![validation bpb against training seconds]({name}/bpb_vs_time.png)", "",
+                      f"![validation bpb against stored parameters]({name}/bpb_vs_stored.png)", ""]
+        except ImportError as err:
+            lines += ["## Figures", "", f"(not drawn: {err}; pip install matplotlib)", ""]
+    lines += ["## Groups", ""]
     lines += [f"- `{group}`: `{' '.join(flatten(settings)) or '(base config)'}`"
               for group, settings in grid["groups"].items()]
     if grid.get("notes"):

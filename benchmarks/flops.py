@@ -87,7 +87,8 @@ class FlopModel:
 
     def __init__(self, model: nn.Module, x: torch.Tensor) -> None:
         self.tokens, self.attention_macs = trace_tokens(model, x)
-        self.layers = oialr.find_layers(model, oialr.OIALRConfig(warmup_steps=0))
+        self.layers = [info for info in oialr.find_layers(model, oialr.OIALRConfig(warmup_steps=0))
+                       if info.shape is not None]                   # weight matrices, not the "other" rows
 
     def step_macs(self, config) -> int:
         """Predicted multiply-adds of a training step (forward + backward) of the whole model under ``config``

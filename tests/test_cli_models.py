@@ -71,7 +71,8 @@ def test_options_and_errors():
     assert build_model("cnn", SIGNAL, 3, channels=(8, 16))(torch.randn(2, *SIGNAL)).shape == (2, 3)
     with pytest.raises(ValueError, match="unknown model 'lenet'; choose one of: " + ", ".join(MODEL_NAMES)):
         build_model("lenet", IMAGE, 10)
-    with pytest.raises(ValueError, match="model 'vit' has no option.s. width; accepted: embed_dim, depth"):
+    with pytest.raises(ValueError, match=r"model .vit. has no option.s. width; accepted: embed_dim \(int, default "
+                                         r"192\), depth"):
         build_model("vit", IMAGE, 10, width=3)
     with pytest.raises(ValueError, match="patch_size=5 must divide the image size 28x28"):
         build_model("vit", IMAGE, 10, patch_size=5)

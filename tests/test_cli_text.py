@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from interrupt import interrupt_after
+from oialr import from_pretrained
 from oialr.cli import run as cli_run
 from oialr.cli import text_data
 from oialr.cli.data import DataError
@@ -124,9 +125,13 @@ def test_train_text_with_every_method(method, corpus, tmp_path, capsys):
     if method in ("factorized", "svd-finetune"):
         assert {layer["rank"] for layer in results["layers"].values()} == {8}    # 0.5 · 16, every projection
         assert "lm.lm_head" not in results["layers"] and len(results["layers"]) == 7
-    exported = torch.load(os.path.join(out, "model.pt"), weights_only=False)
+    model_args = results["config"]["model_args"]
+    exported = from_pretrained(build_model("llama", (results["config"]["context_length"],), 256, **model_args),
+                               os.path.join(out, "compact"))
     assert not any(type(m).__module__.startswith("oialr.") and "models" not in type(m).__module__
                    for m in exported.modules())
+    from_pretrained(build_model("llama", (results["config"]["context_length"],), 256, **model_args),
+                    os.path.join(out, "model"))
     torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     capsys.readouterr()
     assert main(["compare", out]) == 0

@@ -10,10 +10,23 @@ import pytest
 import torch
 
 from interrupt import interrupt_after
-from oialr import PlateauRule
+from oialr import PlateauRule, from_pretrained
+from oialr.cli.models import build_model
 from oialr.cli import run as cli_run
 from oialr.cli.settings import ConfigError, build_config
 from oialr.cli.main import main
+
+
+def assert_no_pickle(out):
+    """Every file of a run folder that holds tensors loads without pickle (torch weights_only, or safetensors)."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    for folder, _, names in os.walk(out):
+        for name in names:
+            path = os.path.join(folder, name)
+            if name.endswith(".pt"):
+                torch.load(path, weights_only=True)
+            elif name.endswith(".safetensors"):
+                safetensors_torch.load_file(path)
 
 
 @pytest.fixture(scope="module")
@@ -34,15 +47,24 @@ def test_run_writes_results_and_files(data_dir, tmp_path):
     out = str(tmp_path / "run")
     run = cli_run.start_or_resume(tiny(data_dir), out, resume=False, log=lambda *a: None)
     results = run.train()
-    for name in ("results.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "model.pt", "curves.png",
+    for name in ("results.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "model/model.safetensors",
+                 "model/oialr_config.json", "compact/model.safetensors", "compact/oialr_config.json", "curves.png",
                  "ranks.png"):
         assert os.path.exists(os.path.join(out, name)), name
-    exported = torch.load(os.path.join(out, "model.pt"), weights_only=False)
+    assert_no_pickle(out)
+    cfg = run.cfg
+    exported = from_pretrained(build_model(cfg.model, run.data.input_shape, run.data.num_classes,
+                                           **cfg.model_args), os.path.join(out, "compact"))
     assert not any(type(m).__module__.startswith("oialr") for m in exported.modules())
     assert sum(p.numel() for p in exported.parameters()) == results["compact_params"] < results["stored_params"]
+    trained = from_pretrained(build_model(cfg.model, run.data.input_shape, run.data.num_classes, **cfg.model_args),
+                              os.path.join(out, "model"))
     x = torch.randn(5, 1, 40)
     run.model.eval()
-    torch.testing.assert_close(exported(x), run.model(x), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(exported.eval()(x), run.model(x), rtol=1e-4, atol=1e-5)
+    assert torch.equal(trained.eval()(x), run.model(x))
+    saved_config = json.load(open(os.path.join(out, "model", "oialr_config.json")))["config"]
+    assert saved_config == cfg.oialr.to_dict()
     saved = json.load(open(os.path.join(out, "results.json")))
     assert saved == json.loads(json.dumps(results))
     assert 0.0 <= saved["top1"] <= 1.0 and saved["best_top1"] >= saved["top1"]
@@ -105,13 +127,27 @@ def test_interrupt_then_resume_is_exact(data_dir, tmp_path, monkeypatch):
         assert k1 == k2 and torch.equal(v1, v2), k1
 
 
+HALF = {"warmup_steps": 0.5, "update_every": 7, "cutoff": 0.2}      # the warm-up ends half-way through the run
+
+
+def test_warmup_longer_than_the_run_is_refused_or_given_as_a_fraction(data_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"^oialr.warmup_steps=20 is not reached before the run ends: 1 epochs x 15 "
+                                          r"steps = 15 optimizer steps, so OIALR would train full-rank throughout; "
+                                          r"give fewer steps, a fraction of the run \(--set oialr.warmup_steps=0.2\)"):
+        cli_run.start_or_resume(tiny(data_dir, epochs=1), str(tmp_path / "long"), False, log=lambda *a: None)
+    assert not os.path.exists(tmp_path / "long" / "checkpoint.pt")
+    cfg = build_config(tiny(data_dir, epochs=1).to_dict(), ["oialr.warmup_steps=0.2"])
+    results = cli_run.start_or_resume(cfg, str(tmp_path / "fraction"), False, log=lambda *a: None).train()
+    assert results["transition_step"] == 3 and results["transition_reason"] == "warmup_steps=3 reached"   # 0.2 · 15
+
+
 def test_resume_refuses_other_settings_and_fresh_run_refuses_existing(data_dir, tmp_path):
     out = str(tmp_path / "c")
-    cli_run.start_or_resume(tiny(data_dir, epochs=1), out, False, log=lambda *a: None).train()
+    cli_run.start_or_resume(tiny(data_dir, epochs=1, oialr=HALF), out, False, log=lambda *a: None).train()
     with pytest.raises(ConfigError, match="already holds a run"):
-        cli_run.start_or_resume(tiny(data_dir, epochs=1), out, False)
+        cli_run.start_or_resume(tiny(data_dir, epochs=1, oialr=HALF), out, False)
     with pytest.raises(ConfigError, match="epochs: saved 1, given 2"):
-        cli_run.start_or_resume(tiny(data_dir, epochs=2), out, True)
+        cli_run.start_or_resume(tiny(data_dir, epochs=2, oialr=HALF), out, True)
     with pytest.raises(ConfigError, match="nothing to resume"):
         cli_run.start_or_resume(None, str(tmp_path / "none"), True)
 
@@ -131,7 +167,7 @@ def test_bad_settings_exit_2(tmp_path, capsys):
 
 def test_compare_table(data_dir, tmp_path, capsys):
     out = str(tmp_path / "cmp")
-    cli_run.start_or_resume(tiny(data_dir, epochs=1), out, False, log=lambda *a: None).train()
+    cli_run.start_or_resume(tiny(data_dir, epochs=1, oialr=HALF), out, False, log=lambda *a: None).train()
     assert main(["compare", out, out]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| run | method | model | top1") and len(lines) == 4
@@ -231,6 +267,25 @@ def test_aggregate_table_gives_mean_and_std_over_seeds(tmp_path):
     rows = aggregate_table({"three": dirs, "one": dirs[:1]}).splitlines()
     assert rows[2] == "| three | 3 | 82.00 ± 2.00 | 21.0 ± 1.0 | 150.0 ± 0.0 | 20 ± 10 | 500 ± 0 |"
     assert rows[3] == "| one | 1 | 80.00 | 20.0 | 150.0 | 10 | 500 |"
+
+
+def test_text_tables_give_the_factored_layers_stored_fraction(tmp_path):
+    from oialr.cli.compare import aggregate_table, factored_stored_fraction
+    layers = {"a": {"rank": 2, "full_rank": 4, "dense_params": 16, "stored_params": 2 * (4 + 4 + 2)},
+              "b": {"rank": 8, "full_rank": 8, "dense_params": 64, "stored_params": 8 * (8 + 8 + 8)}}
+    base = {"val_bpb": 2.5, "trainable_params": 50, "dense_params": 100, "stored_params": 120, "train_seconds": 9.0,
+            "peak_rss_mb": 400, "tokens_per_second_full_rank": 1000.0, "tokens_per_second_low_rank": None}
+    lowrank = {**base, "transition_step": 3, "layers": layers}
+    assert factored_stored_fraction(lowrank) == (20 + 192) / (16 + 64)
+    assert factored_stored_fraction({**lowrank, "transition_step": None}) is None      # still in warm-up
+    assert factored_stored_fraction({**base, "transition_step": None, "layers": {}}) is None      # full-rank
+    for name, results in (("lr", lowrank), ("fr", {**base, "transition_step": None, "layers": {}})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    rows = aggregate_table({"lr": [str(tmp_path / "lr")], "fr": [str(tmp_path / "fr")]}).splitlines()
+    assert rows[0].split(" | ")[5] == "factored stored %"
+    assert rows[2] == "| lr | 1 | 2.5000 | 50.0 | 120.0 | 265.0 | 1,000 | — | 9 | 400 |"
+    assert rows[3] == "| fr | 1 | 2.5000 | 50.0 | 120.0 | — | 1,000 | — | 9 | 400 |"
 
 
 def test_automatic_transition_reads_the_runs_stability_series(data_dir, tmp_path):

@@ -307,19 +307,59 @@ def test_unknown_optimizer_gets_fresh_state_and_one_warning():
 
 
 # ---------------------------------------------------------------------------------------- robustness
-def test_non_finite_sigma_skips_that_layer_only():
+def _snapshot(model, opt):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            {k: v.clone() if torch.is_tensor(v) else v for st in opt.state.values() for k, v in st.items()},
+            [id(p) for g in opt.param_groups for p in g["params"]])
+
+
+def _assert_unchanged(before, model, opt):
+    state, optim, ids = before
+    after = _snapshot(model, opt)
+    assert state.keys() == after[0].keys() and ids == after[2]
+    for k, v in state.items():
+        torch.testing.assert_close(v, after[0][k], rtol=0, atol=0, equal_nan=True, msg=k)
+    assert all(torch.equal(v, after[1][k]) if torch.is_tensor(v) else v == after[1][k] for k, v in optim.items())
+
+
+@pytest.mark.parametrize("where, value, found", [
+    ("S", float("nan"), "'0' (Σ: 1 NaN)"), ("U", float("nan"), "'0' (U: 1 NaN)"),
+    ("V", float("inf"), "'0' (V: 1 Inf)"), ("S", 0.0, "'0' (Σ: all zeros)")])
+def test_degenerate_factors_refuse_the_basis_update_and_change_nothing(where, value, found):
     model = mlp()
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    ctl = OIALR(model, opt, OIALRConfig(warmup_steps=0, update_every=1, cutoff=0.5))
-    bad, good = model[0], model[2]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctl = OIALR(model, opt, OIALRConfig(warmup_steps=1, update_every=2, cutoff=0.5))
+    train(model, opt, ctl, batches((8, 16), 4, 3))          # transition at 1, one update at 3: Adam state exists
     with torch.no_grad():
-        bad.lowrank_S[0, 0] = float("nan")
-        good.lowrank_S.add_(0.1 * torch.randn_like(good.lowrank_S))
-    U_before = bad.lowrank_U.clone()
-    with pytest.warns(UserWarning, match="non-finite"):
+        factor = getattr(model[0], f"lowrank_{where}")
+        factor.fill_(0.0) if value == 0.0 else factor.view(-1)[0].fill_(value)
+    ctl.step()                                              # step 4: nothing scheduled
+    before = _snapshot(model, opt)
+    with pytest.raises(oialr.DegenerateStateError) as err:
+        ctl.step()                                          # step 5: the basis update
+    assert str(err.value).startswith(f"OIALR basis update at step 5 refused: {found}. Nothing was changed")
+    assert err.value.layers == ["0"] and err.value.step == 5 and ctl.step_count == 4
+    _assert_unchanged(before, model, opt)
+
+
+@pytest.mark.parametrize("value, found", [(float("nan"), "'0' (W: 1 NaN)"), (float("-inf"), "'0' (W: 1 Inf)"),
+                                          (0.0, "'0' (W: all zeros)")])
+def test_degenerate_weight_refuses_the_transition_and_changes_nothing(value, found):
+    model = mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ctl = OIALR(model, opt, OIALRConfig(warmup_steps=2, update_every=2))
+    train(model, opt, ctl, batches((8, 16), 4, 1))
+    with torch.no_grad():
+        model[0].weight.fill_(0.0) if value == 0.0 else model[0].weight.view(-1)[3].fill_(value)
+        model[2].weight.view(-1)[0].fill_(float("nan"))
+    before = _snapshot(model, opt)
+    with pytest.raises(oialr.DegenerateStateError) as err:
         ctl.step()
-    assert torch.equal(bad.lowrank_U, U_before)
-    torch.testing.assert_close(good.lowrank_S, torch.diag(torch.diagonal(good.lowrank_S)))
+    assert str(err.value).startswith(f"OIALR transition at step 2 refused: {found}; '2' (W: 1 NaN). Nothing was "
+                                     "changed")
+    assert err.value.layers == ["0", "2"] and ctl.step_count == 1 and ctl.phase == "full-rank"
+    assert not any(isinstance(m, oialr.LowRankLayer) for m in model.modules())
+    _assert_unchanged(before, model, opt)
 
 
 def test_no_eligible_layer_is_a_clear_error():
@@ -436,9 +476,23 @@ def test_load_state_dict_rejects_foreign_state():
     with pytest.raises(ValueError, match=r"not a state dict of OIALR version 1 \(got a dict with version None\)"):
         ctl.load_state_dict({"step": 3})
     other = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    octl = OIALR(other, torch.optim.SGD(other.parameters(), lr=0.1), OIALRConfig(warmup_steps=0))
+    octl = OIALR(other, torch.optim.SGD(other.parameters(), lr=0.1), OIALRConfig(warmup_steps=1000))
+    octl.transition("by hand")
     with pytest.raises(ValueError, match="converted other layers"):
         ctl.load_state_dict(octl.state_dict())
+
+
+def test_load_state_dict_refuses_a_run_saved_with_other_settings():
+    first = mlp()
+    saved = OIALR(first, torch.optim.SGD(first.parameters(), lr=0.1), OIALRConfig(warmup_steps=5, cutoff=0.2))
+    model = mlp()
+    ctl = OIALR(model, torch.optim.SGD(model.parameters(), lr=0.1), OIALRConfig(warmup_steps=5, cutoff=0.3,
+                                                                               exclude_modules=["2"]))
+    with pytest.raises(ValueError) as err:
+        ctl.load_state_dict(saved.state_dict())
+    assert str(err.value) == ("the saved OIALR run was built with other settings; build it as in the saved run:\n"
+                              "  cutoff: saved 0.2, here 0.3\n  exclude_modules: saved [], here ['2']")
+    assert ctl.step_count == 0
 
 
 def test_summary_and_table():
@@ -500,7 +554,7 @@ def test_fixed_warmup_reason_and_auto_mismatch_error():
     assert ctl.transition_reason == "warmup_steps=2 reached"
     other = mlp()
     auto = OIALR(other, torch.optim.SGD(other.parameters(), lr=0.1), OIALRConfig(warmup_steps="auto"))
-    with pytest.raises(ValueError, match="disagree on warmup_steps='auto'"):
+    with pytest.raises(ValueError, match="warmup_steps: saved 2, here 'auto'"):
         auto.load_state_dict(ctl.state_dict())
 
 
@@ -511,12 +565,6 @@ def test_warnings_point_at_the_callers_line():
     line = inspect.currentframe().f_lineno + 2
     with pytest.warns(UserWarning, match="does not know how to carry Adagrad") as caught:
         ctl.step()                                      # the transition, inside torch.no_grad
-    assert (caught[0].filename, caught[0].lineno) == (__file__, line)
-    with torch.no_grad():
-        model[0].lowrank_S.fill_(float("nan"))
-    line = inspect.currentframe().f_lineno + 2
-    with pytest.warns(UserWarning, match="Σ of layer '0' has non-finite entries") as caught:
-        ctl.update_bases()
     assert (caught[0].filename, caught[0].lineno) == (__file__, line)
 
 

@@ -31,6 +31,7 @@ FAKE_TRAIN = textwrap.dedent("""\
 
 @pytest.fixture
 def experiments(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))         # its sibling grid_plots
     spec = importlib.util.spec_from_file_location("experiments", os.path.join(ROOT, "benchmarks", "experiments.py"))
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "experiments", module)        # its dataclass looks itself up there
@@ -109,3 +110,23 @@ def test_runs_finished_elsewhere_are_archived(experiments, tmp_path):
     experiments.main([grid, "--report"])
     assert (tmp_path / "docs" / "g" / "a-s0" / "results.json").exists()
     assert "| a-s0 | oialr | mlp | 0.7000 |" in (tmp_path / "docs" / "g.md").read_text()
+
+
+def test_a_text_grid_page_gets_its_two_figures(experiments, tmp_path):
+    grid = write_grid(tmp_path, "lm", {"full-rank": {"method": "full-rank"}, "oialr": {"method": "oialr"}}, seeds=[0])
+    for name, transition in (("full-rank-s0", None), ("oialr-s0", 5)):
+        run = tmp_path / "docs" / "lm" / name
+        run.mkdir(parents=True)
+        layer = {"rank": 2, "full_rank": 8, "dense_params": 64, "stored_params": 36}
+        (run / "results.json").write_text(json.dumps({
+            "method": name[:-3], "val_bpb": 2.5, "best_val_bpb": 2.5, "val_loss": 1.7, "trainable_params": 10,
+            "dense_params": 100, "stored_params": 50, "train_seconds": 3.0, "peak_rss_mb": 10.0,
+            "transition_step": transition, "layers": {} if transition is None else {"l": layer}}))
+        (run / "metrics.jsonl").write_text(
+            "".join(json.dumps({"train_seconds": t, "val_bpb": 3.0 - t / 10}) + "\n" for t in (1.0, 2.0, 3.0)))
+    experiments.main([grid, "--report"])
+    report = (tmp_path / "docs" / "lm.md").read_text()
+    assert "![validation bpb against training seconds](lm/bpb_vs_time.png)" in report
+    for figure in ("bpb_vs_time.png", "bpb_vs_stored.png"):
+        assert (tmp_path / "docs" / "lm" / figure).stat().st_size > 1000
+    assert "| oialr | 1 | 2.5000 | 10.0 | 50.0 | 56.2 |" in report              # 36 of 64 in the factored layer

@@ -61,5 +61,5 @@ def test_layer_weight_resolves_linear_conv_attention_and_factored_layers():
     from oialr.convert import convert_layer
     _, layer = convert_layer(model, "0", rank=2)
     assert layer_weight(model, "0") == (layer, layer.lowrank_S)
-    with pytest.raises(ValueError, match="layer '2.q_proj': expected an nn.Linear.*found nothing"):
+    with pytest.raises(ValueError, match="layer .2.q_proj.: expected a layer of a registered type.*found nothing"):
         layer_weight(model, "2.q_proj")

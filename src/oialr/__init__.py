@@ -4,6 +4,9 @@ from .auto_transition import AutoTransition, PlateauRule
 from .config import OIALRConfig
 from .controller import OIALR
 from .convert import compact_lowrank, merge_lowrank
+from .health import DegenerateStateError
+from .layer_types import LayerType, register_layer_type, registered_layer_types
+from .pretrained import from_pretrained, save_pretrained
 from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention, force_path
 from .stability import StabilityTracker, basis_stability
 from .targets import find_layers, format_table
@@ -14,6 +17,7 @@ __all__ = [
     "OIALR",
     "OIALRConfig",
     "AutoTransition",
+    "DegenerateStateError",
     "LowRankLayer",
     "LowRankLinear",
     "LowRankConv",
@@ -27,4 +31,9 @@ __all__ = [
     "StabilityTracker",
     "PlateauRule",
     "distributed",
+    "LayerType",
+    "register_layer_type",
+    "registered_layer_types",
+    "save_pretrained",
+    "from_pretrained",
 ]

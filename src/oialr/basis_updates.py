@@ -6,28 +6,27 @@ import torch
 from torch import Tensor
 
 from . import budget, distributed, growth, optim_state
-from ._checks import warn
 from .config import OIALRConfig
-from .factorize import BasisUpdate, Factors, Rotation, cut_rank, rotation, truncate
+from .factorize import BasisUpdate, Factors, cut_rank, rotation, truncate
 from .layers import LowRankLayer
 
 
-def update_all(layers: dict[str, LowRankLayer], optimizer, config: OIALRConfig, step: int,
+def update_all(layers: dict[str, LowRankLayer], optimizer, config: OIALRConfig,
                grads: dict[str, tuple[Tensor, Tensor]] | None) -> tuple[bool, dict[str, int]]:
     """Basis update of every layer in ``layers`` (:func:`oialr.factorize.rotation`, then :func:`~oialr.factorize.
     truncate` to :func:`~oialr.factorize.cut_rank`, or to :func:`oialr.budget.update_ranks` under
     ``config.stored_budget``), computed by process 0 and broadcast, applied on
     every process (:func:`apply_factors`); then, with ``grads`` (``augment_bases``: the recorded ``∂L/∂U``,
-    ``∂L/∂V``), every layer widened (:func:`oialr.growth.widen_all`). A layer whose ``Σ`` is not finite is skipped
-    (warned). Returns whether Parameter objects were replaced and the ranks the cut kept (before growth)."""
+    ``∂L/∂V``), every layer widened (:func:`oialr.growth.widen_all`). The caller has checked the factors
+    (:func:`oialr.health.check_layers`). Returns whether Parameter objects were replaced and the ranks the cut kept
+    (before growth)."""
     updates = None
     if distributed.is_source():
-        rotations = [_rotation(name, layer, step) for name, layer in layers.items()]
-        spectra = [None if rot is None else rot.s for rot in rotations]
-        ranks = [None if s is None else cut_rank(s, config) for s in spectra] if config.stored_budget is None \
-            else budget.update_ranks(spectra, [layer.matrix_shape for layer in layers.values()],
-                                     [layer.rank for layer in layers.values()], config)
-        updates = [None if rot is None else truncate(rot, k) for rot, k in zip(rotations, ranks)]
+        rotations = [rotation(layer.lowrank_U, layer.lowrank_S, layer.lowrank_V) for layer in layers.values()]
+        ranks = [cut_rank(rot.s, config) for rot in rotations] if config.stored_budget is None \
+            else budget.update_ranks([rot.s for rot in rotations], [layer.matrix_shape for layer in layers.values()],
+                                     config)
+        updates = [truncate(rot, k) for rot, k in zip(rotations, ranks)]
     shapes = [(*layer.matrix_shape, layer.rank) for layer in layers.values()]
     like = next(iter(layers.values())).lowrank_S
     replaced = False
@@ -41,14 +40,6 @@ def update_all(layers: dict[str, LowRankLayer], optimizer, config: OIALRConfig, 
             if wide.S.shape[0] != layer.rank:
                 replaced |= apply_factors(layer, optimizer, wide, config.train_bases, widened=True)
     return replaced, cut
-
-
-def _rotation(name: str, layer: LowRankLayer, step: int) -> Rotation | None:
-    if not torch.isfinite(layer.lowrank_S).all():
-        warn(f"OIALR: Σ of layer {name!r} has non-finite entries at step {step}; its basis update is skipped (the "
-             "factors are left as they are)")
-        return None
-    return rotation(layer.lowrank_U, layer.lowrank_S, layer.lowrank_V)
 
 
 def apply_factors(layer: LowRankLayer, optimizer, new: BasisUpdate | Factors, train_bases: bool,

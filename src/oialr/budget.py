@@ -113,20 +113,12 @@ def transition_ranks(matrices: Sequence[Tensor], config: OIALRConfig) -> list[in
     return allocate_ranks(spectra, [tuple(w.shape) for w in matrices], config.stored_budget, floors, caps)
 
 
-def update_ranks(spectra: Sequence[Tensor | None], shapes: Sequence[tuple[int, int]], ranks: Sequence[int],
-                 config: OIALRConfig) -> list[int]:
+def update_ranks(spectra: Sequence[Tensor], shapes: Sequence[tuple[int, int]], config: OIALRConfig) -> list[int]:
     """A basis update's ranks under ``config.stored_budget``, from each layer's singular values (the update's SVD
-    of ``Σ``, :func:`oialr.factorize.rotation`; ``None`` for a layer whose update is skipped, which stays at its
-    rank): per layer at rank ``r`` the floor is ``max(min_rank, r − floor(max_drop_fraction · r))`` (at most ``r``)
-    and the cap what the cutoff keeps (:func:`oialr.factorize.cut_rank`)."""
-    floors, caps, values = [], [], []
-    for s, r in zip(spectra, ranks):
-        if s is None:
-            floors.append(r)
-            caps.append(r)
-            values.append(torch.zeros(r, dtype=torch.float64))
-            continue
-        floors.append(min(r, max(config.min_rank, r - math.floor(config.max_drop_fraction * r))))
-        caps.append(cut_rank(s, config))
-        values.append(s)
-    return allocate_ranks(values, shapes, config.stored_budget, floors, caps)
+    of ``Σ``, :func:`oialr.factorize.rotation`): per layer at rank ``r = len(s)`` the floor is
+    ``max(min_rank, r − floor(max_drop_fraction · r))`` (at most ``r``) and the cap what the cutoff keeps
+    (:func:`oialr.factorize.cut_rank`)."""
+    floors = [min(s.numel(), max(config.min_rank, s.numel() - math.floor(config.max_drop_fraction * s.numel())))
+              for s in spectra]
+    caps = [cut_rank(s, config) for s in spectra]
+    return allocate_ranks(spectra, shapes, config.stored_budget, floors, caps)

@@ -1,6 +1,7 @@
 """OIALRConfig: every knob of OIALR training, documented and validated."""
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -22,7 +23,9 @@ class OIALRConfig:
 
     Schedule
         warmup_steps: full-rank steps before the transition. The transition runs inside the
-            ``warmup_steps``-th call of ``step()``; ``0`` converts when the controller is built. ``"auto"``: measure
+            ``warmup_steps``-th call of ``step()``; ``0`` converts when the controller is built. A float in
+            ``(0, 1)`` is a fraction of the run: ``round(warmup_steps · total_steps)`` steps (at least 1), for a
+            controller given ``total_steps``. ``"auto"``: measure
             the network's basis stability every ``stability_every`` steps and switch once it has plateaued
             (:class:`oialr.PlateauRule` with the ``auto_*`` knobs below).
         update_every: steps between two basis updates after the transition (``>= 1``).
@@ -71,7 +74,7 @@ class OIALRConfig:
             used 10). ``None`` (default) converts every shape.
     """
 
-    warmup_steps: int | str = 1000
+    warmup_steps: int | float | str = 1000
     update_every: int = 100
     cutoff: float = 0.1
     rank_fraction: float = 1.0
@@ -99,9 +102,10 @@ class OIALRConfig:
                 check(False, f"auto takes the fields {known}; got {sorted(self.auto)}")
         elif not isinstance(self.auto, AutoTransition):
             check(False, f"auto must be an AutoTransition or a mapping of its fields, got {self.auto!r}")
-        check((is_int(self.warmup_steps) and self.warmup_steps >= 0) or self.warmup_steps == "auto",
-              f"warmup_steps must be an integer >= 0 (0 converts at construction) or \"auto\", "
-              f"got {self.warmup_steps!r}")
+        check((is_int(self.warmup_steps) and self.warmup_steps >= 0) or self.warmup_steps == "auto"
+              or (isinstance(self.warmup_steps, float) and 0.0 < self.warmup_steps < 1.0),
+              f"warmup_steps must be an integer >= 0 (0 converts at construction), a fraction of the run in (0, 1) "
+              f"or \"auto\", got {self.warmup_steps!r}")
         check(is_int(self.update_every) and self.update_every >= 1,
               f"update_every must be an integer >= 1, got {self.update_every!r}")
         check(is_real(self.cutoff) and 0.0 <= self.cutoff < 1.0,
@@ -130,11 +134,24 @@ class OIALRConfig:
                 isinstance(value, list) and all(isinstance(v, str) and v for v in value))
             check(ok, f"{name} must be None, a regular expression string or a list of non-empty module names, "
                       f"got {value!r}")
+            check(not isinstance(value, str) or _regex_problem(value) is None,
+                  f"{name} is not a valid regular expression ({_regex_problem(value)}): {value!r}")
         check(isinstance(self.keep_output_layer_dense, bool),
               f"keep_output_layer_dense must be True or False, got {self.keep_output_layer_dense!r}")
         check(self.max_aspect_ratio is None or (is_real(self.max_aspect_ratio) and self.max_aspect_ratio >= 1.0),
               f"max_aspect_ratio must be None or a number >= 1 (the paper used 10), got {self.max_aspect_ratio!r}")
         errors.raise_if_any("OIALRConfig")
+
+    def warmup_for(self, total_steps: int | None) -> int | str:
+        """``warmup_steps`` in steps for a run of ``total_steps`` optimizer steps: a fraction becomes
+        ``max(1, round(fraction · total_steps))`` (``ValueError`` without ``total_steps``); an integer or ``"auto"``
+        is returned as is."""
+        if not isinstance(self.warmup_steps, float):
+            return self.warmup_steps
+        if total_steps is None:
+            raise ValueError(f"warmup_steps={self.warmup_steps} is a fraction of the run: give the controller "
+                             "total_steps (OIALR(..., total_steps=N)) or set warmup_steps in steps")
+        return max(1, round(self.warmup_steps * total_steps))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-value copy, for checkpoints and results files."""
@@ -150,3 +167,11 @@ class OIALRConfig:
             values["auto"] = {**legacy, **values.get("auto", {})}
         return cls(**values)
 
+
+def _regex_problem(pattern: Any) -> str | None:
+    """Why ``pattern`` does not compile as a regular expression, or None."""
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as err:
+        return str(err)
+    return None

@@ -6,15 +6,15 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import basis_updates, budget, distributed, growth, linalg, optim_state
-from ._checks import check_state_version, warn
+from . import basis_updates, budget, distributed, growth, health, optim_state
+from ._checks import check_same_settings, check_state_version, is_int, warn
 from .auto_transition import PlateauRule
 from .config import OIALRConfig
 from .convert import convert_layer
 from .factorize import placeholder_factors, stored_params, transition_factors
 from .layers import LowRankLayer
 from .stability import StabilityTracker
-from .targets import SUPPORTED, LayerInfo, find_layers, format_table, layer_weight, trainable_params
+from .targets import LayerInfo, as_matrix, find_layers, format_table, layer_weight, no_target_message, trainable_params
 from .warmup import WarmupEnd
 from .wrapper import Rewrapped
 
@@ -60,10 +60,14 @@ class OIALR:
     ``tracker``: with ``warmup_steps="auto"``, a :class:`oialr.StabilityTracker` you already step (before
     ``ctl.step()``) to record stability for the whole run; the transition then reads its samples of the layers to
     convert instead of sampling them a second time. It must sample at ``config.auto``'s ``every`` and ``lag``.
+
+    ``total_steps``: the run's optimizer steps, when known. Needed for ``warmup_steps`` given as a fraction of the
+    run; a run that reaches it still in the full-rank warm-up gets one warning.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: OIALRConfig | None = None, *,
-                 wrap: Callable[[nn.Module], nn.Module] | None = None, tracker: StabilityTracker | None = None):
+                 wrap: Callable[[nn.Module], nn.Module] | None = None, tracker: StabilityTracker | None = None,
+                 total_steps: int | None = None):
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             raise TypeError(f"model is a {type(model).__name__} wrapper, whose gradient sync would miss the Σ "
                             "Parameters OIALR creates; pass the bare module and let the controller (re)build the "
@@ -79,12 +83,15 @@ class OIALR:
         self.config = config if config is not None else OIALRConfig()
         if not isinstance(self.config, OIALRConfig):
             raise TypeError(f"config must be an OIALRConfig, got {type(self.config).__name__}")
+        if total_steps is not None and not (is_int(total_steps) and total_steps >= 1):
+            raise ValueError(f"total_steps must be an integer >= 1 (the run's optimizer steps) or None, got "
+                             f"{total_steps!r}")
+        self.total_steps = total_steps
+        self.warmup_steps = self.config.warmup_for(total_steps)     # steps, or "auto"
         self.layer_infos: list[LayerInfo] = find_layers(model, self.config)
         self.targets = [info.name for info in self.layer_infos if info.convert]
         if not self.targets:
-            found = "\n".join(f"  {i.name} ({i.kind} {i.shape[0]}x{i.shape[1]}): {i.reason}" for i in self.layer_infos)
-            raise ValueError(f"no layer of the model can be converted; OIALR converts {SUPPORTED}.\n"
-                             + (f"Layers found and why they stay dense:\n{found}" if found else "None was found."))
+            raise ValueError(no_target_message(model, self.layer_infos))
         for name in self.targets:
             if optim_state.find_group(optimizer, layer_weight(model, name)[1]) is None:
                 raise ValueError(f"the weight of layer {name!r} trains (requires_grad=True) but is not in the "
@@ -99,8 +106,8 @@ class OIALR:
         self.transition_step: int | None = None
         self.transition_reason: str | None = None
         self._warned_optimizer = False
-        self.warmup = WarmupEnd(model, self.config, self.targets, tracker)
-        if self.config.warmup_steps == 0:
+        self.warmup = WarmupEnd(model, self.config, self.targets, tracker, steps=self.warmup_steps)
+        if self.warmup_steps == 0:
             self.transition("warmup_steps=0: converted when the controller was built")
             self._record_before_update()
 
@@ -131,14 +138,23 @@ class OIALR:
             return self._wrapper.module
 
     def step(self) -> None:
-        """Advance one optimizer step; run the transition or a basis update when the schedule says so."""
+        """Advance one optimizer step; run the transition or a basis update when the schedule says so. Raises
+        :class:`oialr.DegenerateStateError` (the step not counted, nothing changed) for a non-finite or zero state."""
         self.step_count += 1
-        if self.transition_step is None:
-            reason = self.warmup.reason(self.step_count, self.targets)
-            if reason:
-                self.transition(reason)
-        elif (self.step_count - self.transition_step) % self.config.update_every == 0:
-            self.update_bases()
+        try:
+            if self.transition_step is None:
+                reason = self.warmup.reason(self.step_count, self.targets)
+                if reason:
+                    self.transition(reason)
+                elif self.step_count == self.total_steps:
+                    warn(f"OIALR: the run ends (step {self.step_count} of total_steps={self.total_steps}) still in "
+                         f"the full-rank warm-up (warmup_steps={self.config.warmup_steps!r}): no layer was converted; "
+                         "give a smaller warmup_steps, e.g. a fraction of the run such as 0.2")
+            elif (self.step_count - self.transition_step) % self.config.update_every == 0:
+                self.update_bases()
+        except health.DegenerateStateError:
+            self.step_count -= 1
+            raise
         self._record_before_update()
 
     def _record_before_update(self) -> None:
@@ -159,29 +175,35 @@ class OIALR:
         """Factor every target weight (:func:`oialr.factorize.transition_factors`; ranks from the config), or,
         restoring a saved run, give every target the saved rank ``ranks`` with placeholder factors (no SVD: the
         values are loaded next). One layer at a time: its dense weight and optimizer state are freed before the next
-        layer's SVD (a ``stored_budget`` first computes every weight's singular values, to allocate the ranks)."""
+        layer's SVD (a ``stored_budget`` first computes every weight's singular values, to allocate the ranks). A
+        fresh transition first checks every weight (:func:`oialr.health.check_layers`: finite, not all zero) and
+        raises :class:`oialr.DegenerateStateError` before changing any."""
+        if ranks is None:
+            health.check_layers({name: {"W": layer_weight(self.model, name)[1]} for name in self.targets},
+                                step=self.step_count, event="transition")
         self._warn_unknown_optimizer()
         chosen = None
         if ranks is None and self.config.stored_budget is not None:
-            chosen = budget.transition_ranks([linalg.matrix_view(layer_weight(self.model, name)[1])
-                                              for name in self.targets], self.config) \
+            chosen = budget.transition_ranks([as_matrix(*layer_weight(self.model, name)) for name in self.targets],
+                                             self.config) \
                 if distributed.is_source() else [0] * len(self.targets)
             chosen = dict(zip(self.targets, distributed.broadcast_ints(chosen)))
         for name in self.targets:
-            _, weight = layer_weight(self.model, name)
-            matrix = linalg.matrix_view(weight)
+            module, weight = layer_weight(self.model, name)
+            matrix = as_matrix(module, weight)
             if ranks is not None:
                 factors = placeholder_factors(*matrix.shape, ranks[name], like=weight)
             else:                                       # process 0's SVD, adopted by every process
                 factors = transition_factors(matrix, self.config, chosen and chosen[name]) \
                     if distributed.is_source() else None
                 factors = distributed.broadcast_factors(factors, matrix.shape, like=weight)
-            _, layer = convert_layer(self.model, name, factors)
+            layer = convert_layer(self.model, name, factors)[1]
             if self.config.train_bases:
                 layer.lowrank_U.requires_grad_(True)
                 layer.lowrank_V.requires_grad_(True)
-            optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S, layer.lowrank_U, layer.lowrank_V)
-            del weight, matrix, factors
+            optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S, layer.lowrank_U, layer.lowrank_V,
+                                      lambda t, module=module: as_matrix(module, t))
+            del module, weight, matrix, factors
         self._wrapper.invalidate()                      # new Parameters: the wrapper is rebuilt on next use
         self.transition_step = self.step_count
         self.transition_reason = reason
@@ -193,12 +215,17 @@ class OIALR:
         """Basis update of every factored layer (:func:`oialr.basis_updates.update_all`: ranks by the cutoff or
         the ``stored_budget``, computed by process 0 and broadcast under ``torch.distributed``). With
         ``augment_bases`` the bases are then widened by the gradient recorded since the step before; ``grow=False``
-        skips that, e.g. as a run's last call so that the final model keeps only the cut ranks."""
+        skips that, e.g. as a run's last call so that the final model keeps only the cut ranks. Every layer's ``U``,
+        ``Σ``, ``V`` are checked first (finite, none all zero): :class:`oialr.DegenerateStateError`, and no layer
+        changed, otherwise."""
+        layers = self.lowrank_layers()
+        health.check_layers({name: {"U": layer.lowrank_U, "Σ": layer.lowrank_S, "V": layer.lowrank_V}
+                             for name, layer in layers.items()},
+                            step=self.step_count, event="basis update")
         self._warn_unknown_optimizer()
         grads = self._recorder.stop() if self._recorder is not None else {}
-        replaced, self.cut_ranks = basis_updates.update_all(
-            self.lowrank_layers(), self.optimizer, self.config, self.step_count,
-            grads if grow and self._recorder is not None else None)
+        replaced, self.cut_ranks = basis_updates.update_all(layers, self.optimizer, self.config,
+                                                            grads if grow and self._recorder is not None else None)
         if replaced:
             self._wrapper.invalidate()
 
@@ -210,7 +237,9 @@ class OIALR:
 
     # ------------------------------------------------------------------ reporting
     def summary(self) -> dict[str, Any]:
-        """Phase, step, parameter counts and, per layer, rank and sizes (plain values)."""
+        """Phase, step, parameter counts and, per layer, rank and sizes (plain values). ``dense_share``: the share
+        of the stored parameters outside the weight matrices OIALR converts (their ``U``, ``Σ``, ``V`` after the
+        transition): biases, norms, embeddings and the layers kept dense."""
         layers = {}
         lowrank = self.lowrank_layers()
         for info in self.layer_infos:
@@ -224,6 +253,8 @@ class OIALR:
                 "trainable_params": r * r if factored else m * n,
                 "stored_params": stored_params(m, n, r) if factored else m * n,
             }
+        stored = sum(p.numel() for p in self.model.parameters())
+        converted = sum(layer["stored_params"] for layer in layers.values())
         return {
             "phase": self.phase,
             "step": self.step_count,
@@ -231,7 +262,8 @@ class OIALR:
             "transition_reason": self.transition_reason,
             "trainable_params": trainable_params(self.model),
             "dense_trainable_params": self.dense_trainable_params,
-            "stored_params": sum(p.numel() for p in self.model.parameters()),
+            "stored_params": stored,
+            "dense_share": 1 - converted / stored if stored else 0.0,
             **budget.stored_fractions([i.shape for i in self.layer_infos if i.convert], self.config.stored_budget,
                                       [layer.rank for layer in self.lowrank_layers().values()],
                                       [self.cut_ranks[name] for name in self.targets] if self.cut_ranks else []),
@@ -239,7 +271,8 @@ class OIALR:
         }
 
     def table(self) -> str:
-        """A readable table of every eligible layer: shape, rank, parameters, why a layer stays dense."""
+        """A readable table of every eligible layer (shape, rank, parameters, why a layer stays dense) and of every
+        other module holding parameters (kind ``other``: embeddings, norms, ..., with the reason)."""
         ranks = {name: layer.rank for name, layer in self.lowrank_layers().items()}
         return format_table(self.layer_infos, ranks)
 
@@ -264,6 +297,8 @@ class OIALR:
         factored layers with the saved ranks (values are overwritten by ``model.load_state_dict``) and puts each
         ``Σ`` in the optimizer where the saved run had it."""
         check_state_version("OIALR", state, STATE_VERSION)
+        saved = OIALRConfig.from_dict(state["config"]).to_dict()
+        check_same_settings("OIALR run", saved, {k: v for k, v in self.config.to_dict().items() if k in saved})
         ranks = state["ranks"]
         if state["transition_step"] is not None and set(ranks) != set(self.targets):
             raise ValueError("the saved run converted other layers than this controller would: saved "

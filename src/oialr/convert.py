@@ -6,11 +6,11 @@ from typing import Callable
 
 from torch import nn
 
-from . import linalg
 from .config import OIALRConfig
 from .factorize import Factors, transition_factors
-from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention
-from .targets import MHA_PROJECTIONS, layer_weight
+from .layer_types import dense_type_of, factored_type_of
+from .layers import LowRankLayer, LowRankMultiheadAttention
+from .targets import MHA_PROJECTIONS, as_matrix, layer_weight
 
 
 def convert_layer(model: nn.Module, name: str, factors: Factors | None = None, *, rank: int | None = None,
@@ -23,12 +23,12 @@ def convert_layer(model: nn.Module, name: str, factors: Factors | None = None, *
     Parameter object. An ``nn.MultiheadAttention`` is first re-expressed, exactly, as a
     :class:`LowRankMultiheadAttention` whose projections are child modules.
     """
-    _, weight = layer_weight(model, name)
+    module, weight = layer_weight(model, name)
     if factors is None:
         if rank is None and config is None:
             raise ValueError("convert_layer needs factors, a rank or a config")
         try:
-            factors = transition_factors(linalg.matrix_view(weight), config or OIALRConfig(), rank)
+            factors = transition_factors(as_matrix(module, weight), config or OIALRConfig(), rank)
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
     parent_name, _, child = name.rpartition(".")
@@ -37,10 +37,7 @@ def convert_layer(model: nn.Module, name: str, factors: Factors | None = None, *
         parent = LowRankMultiheadAttention.from_torch(parent)
         replace_module(model, parent_name, parent)
     dense = getattr(parent, child)
-    if isinstance(dense, nn.Linear):
-        layer: LowRankLayer = LowRankLinear(*factors, bias=dense.bias)
-    else:
-        layer = LowRankConv(*factors, bias=dense.bias, conv=dense)
+    layer = dense_type_of(dense).build(dense, factors)
     replace_module(model, name, layer)
     return weight, layer
 
@@ -72,9 +69,24 @@ def compact_lowrank(model: nn.Module) -> nn.Module:
     ``nn.TransformerEncoderLayer`` and ``nn.TransformerDecoderLayer`` are merged to dense: these modules read their
     layers' weights themselves (as would a module of yours that reads ``child.weight``: use :func:`merge_lowrank`
     for it). The frozen ``U``, ``V`` and ``Σ`` become ``r·(m + n)`` parameters instead of ``r·(m + n + r)``, and
-    the model no longer needs oialr to run or load.
+    the model no longer needs oialr to run or load. Each two-layer ``nn.Sequential`` carries a plain dict
+    ``oialr_compact`` (kind, matrix shape, rank) that :func:`oialr.save_pretrained` records.
     """
-    return _replace_lowrank(model, lambda layer: layer.to_compact())
+    return _replace_lowrank(model, compact_layer)
+
+
+COMPACT_MARK = "oialr_compact"
+
+
+def compact_layer(layer: LowRankLayer, two_layers: bool = False) -> nn.Module:
+    """``layer.to_compact()`` (``layer.to_two_layers()`` with ``two_layers``); a two-layer result is marked with
+    ``oialr_compact = {"kind", "matrix_shape", "rank"}`` (a plain attribute: the module stays plain torch)."""
+    compact = layer.to_two_layers() if two_layers else layer.to_compact()
+    entry = factored_type_of(layer)
+    if isinstance(compact, nn.Sequential) and entry is not None:
+        setattr(compact, COMPACT_MARK, {"kind": entry.kind, "matrix_shape": list(layer.matrix_shape),
+                                        "rank": layer.rank})
+    return compact
 
 
 # torch modules that read their layers' weights themselves (fused fast paths): their factored layers merge to dense

@@ -14,6 +14,7 @@ each packed into one buffer per dtype, i.e. three broadcasts per update whatever
 """
 from __future__ import annotations
 
+import datetime
 import os
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -113,6 +114,16 @@ def all_reduce(values: Sequence[float], op: str = "sum") -> list[float]:
     return t.tolist()
 
 
+def all_gather(values: Sequence[float]) -> list[list[float]]:
+    """Every process's ``values`` in process order (all pass sequences of the same length; float64)."""
+    if not is_distributed():
+        return [list(values)]
+    t = torch.tensor(list(values), dtype=torch.float64, device=device())
+    gathered = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(gathered, t)
+    return [g.tolist() for g in gathered]
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
@@ -177,9 +188,10 @@ def ddp(module: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def process_group_from_env() -> Iterator[None]:
+def process_group_from_env(timeout: float | None = None) -> Iterator[None]:
     """Initialise the default process group from torchrun's variables when ``WORLD_SIZE > 1`` (NCCL when CUDA is
-    available, else gloo) and destroy it on exit; with ``WORLD_SIZE`` unset or 1, do nothing."""
+    available, else gloo) and destroy it on exit; with ``WORLD_SIZE`` unset or 1, do nothing. ``timeout``: seconds
+    a collective waits for the other processes before it raises (``None``: torch's default, 10 to 30 minutes)."""
     env = {k: os.environ.get(k) for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     if env["WORLD_SIZE"] in (None, "", "1") or dist.is_initialized():
         yield
@@ -191,7 +203,7 @@ def process_group_from_env() -> Iterator[None]:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(env["LOCAL_RANK"]))
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=None if timeout is None else datetime.timedelta(seconds=timeout))
     try:
         yield
     finally:

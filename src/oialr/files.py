@@ -11,9 +11,14 @@ from typing import Any, Callable
 import torch
 
 
+class WriteError(OSError):
+    """A file could not be written (disk full, no permission, ...); its previous version, if any, is unchanged."""
+
+
 def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
     """Call ``write(f)`` on a temporary binary file next to ``path``, then replace ``path`` with it. A crash or an
-    interrupt at any point leaves either the old file or the new one, never a partial file."""
+    interrupt at any point leaves either the old file or the new one, never a partial file. A failed write (an
+    ``OSError``, also when a writer such as ``torch.save`` wraps it) raises :class:`WriteError` naming ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
@@ -24,10 +29,26 @@ def atomic_write(path: str, write: Callable[[io.BufferedWriter], None]) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, _mode(path))                 # mkstemp makes 0600; give the mode a plain open() would
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        cause = _os_error(err)
+        if cause is None:
+            raise
+        failed = WriteError(f"cannot write {path}: {cause.strerror or cause}; its previous version is unchanged")
+        failed.errno = cause.errno
+        raise failed from err
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The ``OSError`` behind ``err``: itself, or the one it was raised from or during (``torch.save`` wraps a failed
+    ``write`` in a ``RuntimeError``)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError):
+            return err
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return None
 
 
 def _read_umask() -> int:

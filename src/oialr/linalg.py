@@ -14,7 +14,7 @@ ORTHONORMALITY_TOL = 1e-5
 
 def matrix_view(weight: Tensor) -> Tensor:
     """View a weight of any rank as a matrix ``out × rest`` (conv ``(c_out, c_in, *k)`` -> ``c_out × c_in·Πk``)."""
-    return weight.reshape(weight.shape[0], -1)
+    return weight.reshape(weight.shape[0], math.prod(weight.shape[1:]))
 
 
 def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -11,19 +11,24 @@ Transition (dense ``W`` -> ``U Σ Vᵀ``), per layer:
 
 Basis update (``Σ = u diag(s) vᵀ``; new coordinates ``Σ' = uᵀ Σ v``, gradients ``g' = uᵀ g v``), keeping ``k`` values:
     first moment / momentum (linear in ``g``), exact:   ``m' = (uᵀ m v)[:k, :k]``
-    Adam second moment (``E[g²]`` elementwise) cannot be rotated exactly (that needs the covariances of the entries);
-    treating the entries of ``g`` as uncorrelated gives ``E[g'²_ij] = Σ_kl u²_ki v²_lj E[g²_kl]``, i.e.
-        ``v' = (u∘u)ᵀ v (v∘v)``, then ``[:k, :k]``.
+    Adam second moment ``a = E[g²]`` (elementwise; ``exp_avg_sq``) cannot be rotated exactly (that needs the
+    covariances of the entries); treating the entries of ``g`` as uncorrelated gives
+    ``E[g'²_ij] = Σ_kl u²_ki v²_lj E[g²_kl]``, i.e.
+        ``a' = (u∘u)ᵀ a (v∘v)``, then ``[:k, :k]``.
     ``u∘u`` and ``v∘v`` are doubly stochastic, so every new entry is a weighted mean of old ones and the total is
     kept; it is exact when ``u``, ``v`` are signed permutations. (An upper bound, Cauchy–Schwarz on each entry, is
-    safe in theory but inflates ``v`` by up to ``r²`` when ``Σ``'s singular values are close and its SVD mixes
-    many of them, as right after the transition: on the Fashion-MNIST mini-ViT the first update grew ``v`` ~100×
+    safe in theory but inflates ``a`` by up to ``r²`` when ``Σ``'s singular values are close and its SVD mixes
+    many of them, as right after the transition: on the Fashion-MNIST mini-ViT the first update grew ``a`` ~100×
     and Adam's steps on ``Σ`` shrank ~10×, stalling training.) ``step`` is kept.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
+
+from . import linalg
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str | None:
@@ -57,14 +62,16 @@ def swap_param(optimizer: torch.optim.Optimizer, old: Tensor, *new: nn.Parameter
 
 
 @torch.no_grad()
-def enter_lowrank(optimizer: torch.optim.Optimizer, weight: Tensor, S: nn.Parameter, U: Tensor, V: Tensor) -> None:
+def enter_lowrank(optimizer: torch.optim.Optimizer, weight: Tensor, S: nn.Parameter, U: Tensor, V: Tensor,
+                  as_matrix: Callable[[Tensor], Tensor] = linalg.matrix_view) -> None:
     """Transition: ``S`` replaces ``weight`` in the optimizer, with the state described in the module docstring
-    (SGD's momentum projected in float64); trained bases (``requires_grad``) follow ``S`` in the same param group
-    (the hyperparameters of the weight they replace), with fresh state."""
+    (SGD's momentum, shaped like ``weight`` and seen as the ``m×n`` matrix by ``as_matrix``, projected in
+    float64); trained bases (``requires_grad``) follow ``S`` in the same param group (the hyperparameters of the
+    weight they replace), with fresh state."""
     old_state = swap_param(optimizer, weight, S, *(p for p in (U, V) if p.requires_grad))
     if optimizer_kind(optimizer) == "sgd" and old_state.get("momentum_buffer") is not None:
         U, V = U.double(), V.double()
-        buf = old_state["momentum_buffer"].reshape(U.shape[0], V.shape[0]).double()
+        buf = as_matrix(old_state["momentum_buffer"]).double()
         optimizer.state[S] = {"momentum_buffer": (U.mT @ buf @ V).to(S.dtype)}
 
 

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from . import files, linalg
 from ._checks import Errors, check_same_settings, check_state_version, is_int, is_real, warn
 from .layers import LowRankLayer
-from .targets import CONVS, layer_weight, weight_layers
+from .layer_types import dense_type_of
+from .targets import as_matrix, layer_weight, weight_layers
 
 __all__ = ["basis_stability", "layer_names", "weight_matrix", "spectrum_stats", "network_stability",
            "StabilityTracker"]
@@ -69,10 +70,15 @@ def _alignment(q_prev: Tensor, q_now: Tensor) -> float:
 
 def layer_names(model: nn.Module, *, trainable_only: bool = False) -> list[str]:
     """Names of the weight matrices the tracker can measure, in registration order, named as OIALR names them
-    (:func:`oialr.targets.weight_layers`; grouped convs left out). ``trainable_only`` leaves out weights with
-    ``requires_grad=False`` (for factored layers: ``Σ``'s flag)."""
+    (:func:`oialr.targets.weight_layers`; layers their type keeps dense, such as grouped convs, left out).
+    ``trainable_only`` leaves out weights with ``requires_grad=False`` (for factored layers: ``Σ``'s flag)."""
     return [name for name, module, weight, _ in weight_layers(model)
-            if not (isinstance(module, CONVS) and module.groups != 1) and (weight.requires_grad or not trainable_only)]
+            if not _type_keeps_dense(module) and (weight.requires_grad or not trainable_only)]
+
+
+def _type_keeps_dense(module: nn.Module) -> bool:
+    entry = dense_type_of(module)
+    return entry is not None and entry.dense_reason(module) is not None
 
 
 def weight_matrix(model: nn.Module, name: str) -> Tensor:
@@ -85,7 +91,7 @@ def weight_matrix(model: nn.Module, name: str) -> Tensor:
     if isinstance(module, LowRankLayer):
         U, S, V = (p.detach().double() for p in (module.lowrank_U, module.lowrank_S, module.lowrank_V))
         return (U @ S) @ V.mT
-    return linalg.matrix_view(weight.detach())
+    return as_matrix(module, weight.detach())
 
 
 def network_stability(layers: dict[str, dict[str, Any]], names: list[str], *, weighted: bool = False) -> float | None:

@@ -15,19 +15,21 @@ from .stability import StabilityTracker, network_stability
 class WarmupEnd:
     """Decides, step by step, whether the full-rank phase is over.
 
-    Fixed warm-up: over at step ``T₀ = warmup_steps``. ``"auto"``: at every ``config.auto.every``-th step the
+    Fixed warm-up: over at step ``T₀ = steps`` (``config.warmup_steps``, or that fraction of the run resolved by
+    :meth:`oialr.OIALRConfig.warmup_for`). ``"auto"``: at every ``config.auto.every``-th step the
     network stability of the layers to convert (``targets``) is sampled, by ``tracker`` (one the caller already
     steps for the whole run, sampling at ``config.auto``'s ``every`` and ``lag``) or by one built here, and fed to a
     :class:`oialr.PlateauRule`; process 0 decides and every process ends the warm-up at the same step.
     """
 
     def __init__(self, model: nn.Module, config: OIALRConfig, targets: list[str],
-                 tracker: StabilityTracker | None = None):
+                 tracker: StabilityTracker | None = None, steps: int | str | None = None):
         self.config = config
+        self.steps = config.warmup_steps if steps is None else steps
         self.tracker: StabilityTracker | None = None
         self.rule: PlateauRule | None = None
         self._own_tracker = tracker is None
-        if config.warmup_steps != "auto":
+        if self.steps != "auto":
             if tracker is not None:
                 raise ValueError("tracker is read only with warmup_steps=\"auto\"; leave it out")
             return
@@ -47,7 +49,7 @@ class WarmupEnd:
     def reason(self, step: int, targets: list[str]) -> str | None:
         """Why the full-rank phase ends at optimizer step ``step`` (called once per step, in order), or None."""
         if self.rule is None:
-            return f"warmup_steps={self.config.warmup_steps} reached" if step >= self.config.warmup_steps else None
+            return f"warmup_steps={self.steps} reached" if step >= self.steps else None
         if self._own_tracker:
             record = self.tracker.step()
         else:                                   # the caller stepped its tracker first: read this step's sample

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import OIALRConfig, linalg, optim_state
-from ..convert import replace_module
+from ..convert import COMPACT_MARK, replace_module
 from ..wrapper import Rewrapped
 from .ranks import linear_layers, resolve_ranks
 
@@ -34,7 +34,9 @@ def factorize_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
     up.weight = nn.Parameter((u[:, :rank] * root).to(like).contiguous())                  # B (m×r)
     if layer.bias is not None:
         up.bias = layer.bias
-    return nn.Sequential(down, up)
+    pair = nn.Sequential(down, up)
+    setattr(pair, COMPACT_MARK, {"kind": "linear", "matrix_shape": [m, n], "rank": rank})   # for save_pretrained
+    return pair
 
 
 class FactorizedTraining:

@@ -26,6 +26,19 @@ def _is_text(results: dict) -> bool:
     return results.get("val_bpb") is not None
 
 
+def factored_stored_fraction(results: dict) -> float | None:
+    """Parameters the factored layers store / the dense parameters of the weights they replace (``None`` when the
+    run factored no layer: full-rank, GaLore, or OIALR still in warm-up)."""
+    layers = list(results.get("layers", {}).values())
+    if results.get("transition_step") is None or not layers:
+        return None
+    return sum(layer["stored_params"] for layer in layers) / sum(layer["dense_params"] for layer in layers)
+
+
+def _percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
 def _rate(value: float | None) -> str:
     return "—" if value is None else f"{value:,.0f}"
 
@@ -53,8 +66,10 @@ def compare_table(run_dirs: list[str]) -> str:
 
 def text_compare_table(run_dirs: list[str], results: list[dict]) -> str:
     """One row per text run: val bits per byte (final, best), val loss, trainable and stored parameters (% of
-    dense), optimizer state (% of dense), switch step, tokens/s in the full-rank and low-rank phases, time, memory."""
-    header = ("run", "method", "val bpb", "best val bpb", "val loss", "trainable %", "stored %", "opt. state %",
+    dense), the factored layers' stored parameters (% of the weights they replace), optimizer state (% of dense),
+    switch step, tokens/s in the full-rank and low-rank phases, time, memory."""
+    header = ("run", "method", "val bpb", "best val bpb", "val loss", "trainable %", "stored %", "factored stored %",
+              "opt. state %",
               "switched at step", "tok/s full-rank", "tok/s low-rank", "train s", "peak MB")
     rows = []
     for run_dir, r in zip(run_dirs, results):
@@ -63,6 +78,7 @@ def text_compare_table(run_dirs: list[str], results: list[dict]) -> str:
         rows.append((os.path.basename(os.path.normpath(run_dir)), r["method"],
                      *(f"{r[k]:.4f}" if r.get(k) is not None else "—" for k in ("val_bpb", "best_val_bpb", "val_loss")),
                      f"{100 * r['trainable_params'] / dense:.1f}", f"{100 * r['stored_params'] / dense:.1f}",
+                     _percent(factored_stored_fraction(r)),
                      "—" if state is None else f"{100 * state / dense:.1f}",
                      "—" if r.get("transition_step") is None else str(r["transition_step"]),
                      _rate(r.get("tokens_per_second_full_rank")), _rate(r.get("tokens_per_second_low_rank")),
@@ -96,8 +112,8 @@ def aggregate_table(groups: dict[str, list[str]]) -> str:
     loaded = {name: [load_results(d) for d in run_dirs] for name, run_dirs in groups.items()}
     text = any(_is_text(r) for results in loaded.values() for r in results)
     if text:
-        header = ("runs", "n", "val bpb", "trainable %", "stored %", "tok/s full-rank", "tok/s low-rank", "train s",
-                  "peak MB")
+        header = ("runs", "n", "val bpb", "trainable %", "stored %", "factored stored %", "tok/s full-rank",
+                  "tok/s low-rank", "train s", "peak MB")
     else:
         header = ("runs", "n", "top1", "trainable %", "stored %", "train s", "peak MB")
     rows = []
@@ -112,7 +128,8 @@ def aggregate_table(groups: dict[str, list[str]]) -> str:
 
         score = stat([r.get("val_bpb") for r in results], ".4f") if text else \
             stat([100 * r["top1"] for r in results], ".2f")
-        rates = (stat([r.get("tokens_per_second_full_rank") for r in results], ",.0f"),
+        rates = (stat([_scaled(factored_stored_fraction(r), 100) for r in results], ".1f"),
+                 stat([r.get("tokens_per_second_full_rank") for r in results], ",.0f"),
                  stat([r.get("tokens_per_second_low_rank") for r in results], ",.0f")) if text else ()
         rows.append((name, str(len(results)), score,
                      stat([100 * r["trainable_params"] / r["dense_params"] for r in results], ".1f"),
@@ -121,6 +138,10 @@ def aggregate_table(groups: dict[str, list[str]]) -> str:
                      stat([r["train_seconds"] for r in results], ".0f"),
                      stat([r["peak_rss_mb"] for r in results], ".0f")))
     return _markdown(header, rows)
+
+
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else factor * value
 
 
 def _markdown(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:

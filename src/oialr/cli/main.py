@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-from .settings import DATASETS, METHODS, MODELS, ConfigError, build_config, load_yaml
+from .settings import DATASETS, METHODS, MODELS, ConfigError, TrainConfig, build_config, given_settings, load_yaml
 
 
 def _train_parser(sub) -> None:
@@ -70,23 +70,35 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from ..distributed import process_group_from_env
+    from ..distributed import process_group_from_env, process_rank, world_size
+    from ..health import DegenerateStateError
+    from .failures import Diverged, describe
     from .reporting import done_message
     from .run import Interrupted, exit_code, start_or_resume
 
     flags = {"dataset": args.dataset, "data_dir": args.data_dir, "model": args.model, "method": args.method,
              "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    file_values = load_yaml(args.config) if args.config else None
     given = args.config or args.overrides or any(v is not None for v in flags.values())
     cfg = None
     if given or not args.resume:
-        cfg = build_config(load_yaml(args.config) if args.config else None, args.overrides, **flags)
-    with process_group_from_env():          # under torchrun: one process of the group; else nothing to do
-        run = start_or_resume(cfg, args.out, args.resume)
+        cfg = build_config(file_values, args.overrides, **flags)
+    timeout = (cfg or TrainConfig()).dist_timeout
+    with process_group_from_env(timeout):   # under torchrun: one process of the group; else nothing to do
+        run = start_or_resume(cfg, args.out, args.resume,
+                              given=given_settings(file_values, args.overrides, **flags) if cfg else None)
         try:
             results = run.train()
         except Interrupted as err:
             run.log(f"oialr: {err}", file=sys.stderr)
             return exit_code(err)
+        except Exception as err:
+            line = describe(err, args.out, rank=process_rank(), world_size=world_size(), timeout=timeout)
+            if line is None:
+                raise
+            if process_rank() == 0 or not isinstance(err, (DegenerateStateError, Diverged)):   # same on all
+                print(f"{_prog()}: error: {line}", file=sys.stderr)
+            return 1
     run.log(f"done: {done_message(results)}; results in {args.out}/results.json")
     return 0
 

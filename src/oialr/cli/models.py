@@ -21,8 +21,7 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwa
     (the context length) for text, whose ``num_classes`` is the vocabulary. ``kwargs`` are the chosen builder's
     options (``mlp``, ``cnn``, ``vit``, ``resnet18``, ``llama`` below); an unknown one is an error.
     """
-    builders = {"mlp": mlp, "cnn": cnn, "vit": vit, "resnet18": resnet18, "llama": llama}
-    if name not in builders:
+    if name not in _BUILDERS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
     input_shape = tuple(int(d) for d in input_shape)
     dims = (1,) if name == "llama" else (2, 3)
@@ -31,13 +30,42 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int, **kwa
         raise ValueError(f"input_shape must be {expected} with positive sizes, got {input_shape}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    builder = builders[name]
-    accepted = list(inspect.signature(builder).parameters)[2:]
-    unknown = sorted(set(kwargs) - set(accepted))
+    problems = option_problems(name, kwargs)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return _BUILDERS[name](input_shape, num_classes, **kwargs)
+
+
+def option_problems(name: str, kwargs: dict) -> list[str]:
+    """What is wrong with ``kwargs`` as options of model ``name``: unknown names, or values not of the type the
+    builder's signature declares (``int``: an integer >= 1, every one is a size or a count; ``float``: a number
+    > 0; ``bool``; ``tuple[int, ...]``: a non-empty list of integers >= 1; ``| None``: also null)."""
+    params = list(inspect.signature(_BUILDERS[name]).parameters.values())[2:]
+    accepted = ", ".join(f"{p.name} ({p.annotation}, default {p.default!r})" for p in params) or "none"
+    types = {p.name: p.annotation for p in params}
+    unknown = sorted(set(kwargs) - set(types))
     if unknown:
-        raise ValueError(f"model {name!r} has no option(s) {', '.join(unknown)}; "
-                         f"accepted: {', '.join(accepted) or 'none'}")
-    return builder(input_shape, num_classes, **kwargs)
+        return [f"model {name!r} has no option(s) {', '.join(unknown)}; accepted: {accepted}"]
+    return [f"model_args.{key} must be {_TYPE_WORDS[types[key].removesuffix(' | None')]}"
+            f"{' or null' if types[key].endswith(' | None') else ''}, got {value!r}"
+            for key, value in kwargs.items() if not _fits(types[key], value)]
+
+
+_TYPE_WORDS = {"int": "an integer >= 1", "float": "a number > 0", "bool": "true or false",
+               "tuple[int, ...]": "a non-empty list of integers >= 1"}
+
+
+def _fits(annotation: str, value) -> bool:
+    if annotation.endswith(" | None"):
+        return value is None or _fits(annotation.removesuffix(" | None"), value)
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if annotation == "int":
+        return is_int and value >= 1
+    if annotation == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+    if annotation == "bool":
+        return isinstance(value, bool)
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(_fits("int", v) for v in value)
 
 
 def mlp(input_shape: tuple[int, ...], num_classes: int, width: int = 256, depth: int = 2) -> nn.Module:
@@ -194,3 +222,6 @@ def _timm():
                           "(or pip install -e .[vision])") from None
     import timm.models.vision_transformer  # noqa: F401  (make the submodule an attribute for the caller)
     return timm
+
+
+_BUILDERS = {"mlp": mlp, "cnn": cnn, "vit": vit, "resnet18": resnet18, "llama": llama}

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import StabilityTracker, files
+from .. import OIALRConfig, StabilityTracker, files, save_pretrained
 from ..stability import weight_matrix
 
 
@@ -92,11 +92,14 @@ class RunFiles:
             self._writer.flush()
 
     def final(self, results: dict, metrics: list[dict], model: nn.Module, compact: nn.Module,
-              tracker: StabilityTracker | None, log) -> None:
-        """``results.json``, ``model.pt`` (the trained model as plain torch layers, :func:`oialr.compact_lowrank`;
-        ``torch.load(path, weights_only=False)``), ``spectra.json`` (with a tracker) and the PNG plots."""
+              tracker: StabilityTracker | None, log, config: OIALRConfig | None = None) -> None:
+        """``results.json``; ``model/`` (the trained model as it is, factored layers included, with the run's
+        ``config``) and ``compact/`` (:func:`oialr.compact_lowrank`'s plain torch layers), each
+        ``model.safetensors`` + ``oialr_config.json`` (:func:`oialr.save_pretrained`; reload into a freshly built
+        model with :func:`oialr.from_pretrained`); ``spectra.json`` (with a tracker) and the PNG plots."""
         files.write_json(self.path("results.json"), results)
-        files.save_torch(self.path("model.pt"), compact)
+        save_pretrained(model, self.path("model"), config)
+        save_pretrained(compact, self.path("compact"))
         if tracker is not None:
             files.write_json(self.path("spectra.json"), spectra(model, tracker.layers))
         try:

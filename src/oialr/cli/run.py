@@ -16,11 +16,14 @@ from torch import nn
 
 from .. import OIALR, StabilityTracker, compact_lowrank, distributed, files
 from . import tasks
-from .settings import ConfigError, TrainConfig, build_config
+from .checkpoint import read_checkpoint, resumed_config
+from .failures import Diverged
+from .settings import ConfigError, TrainConfig
 from .data import load_dataset
 from .methods import build_optimizer, peer_controller
-from .models import build_model
+from .models import build_model, option_problems
 from .reporting import RunFiles, optimizer_state_params, param_stats, progress
+from .run_folder import RunFolder
 
 CHECKPOINT = "checkpoint.pt"
 STOP_POLL_EVERY = 10    # distributed: all-reduce the stop flag every this many steps (each poll syncs the device)
@@ -49,7 +52,8 @@ class TrainingRun:
 
     Files in ``out``: ``checkpoint.pt`` (every epoch, every ``eval_every`` steps and on interrupt),
     ``metrics.jsonl``/``metrics.csv`` (one row per evaluation: every epoch, and every ``eval_every`` steps),
-    ``results.json`` and the plots (at the end), TensorBoard events when tensorboard is installed.
+    ``results.json``, ``model/`` and ``compact/`` (safetensors, :func:`oialr.save_pretrained`) and the plots (at the
+    end), TensorBoard events when tensorboard is installed.
 
     Under ``torch.distributed`` every process runs this with the same settings: each trains on its shard of every
     global batch (``batch_size / world_size`` samples) through DDP, sums of metrics are all-reduced, and rank 0
@@ -68,6 +72,7 @@ class TrainingRun:
         self.phase_samples = {phase: 0 for phase in tasks.PHASES}     # for text) in each phase, all processes
         self.metrics: list[dict] = []
         self._stop_signal: int | None = None
+        self.folder: RunFolder | None = None      # rank 0's claim on ``out``, released when train() ends
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -76,16 +81,25 @@ class TrainingRun:
             raise ConfigError(f"batch_size {cfg.batch_size} is the global batch and must be divisible by the "
                               f"{self.world_size} processes; choose a multiple of {self.world_size}, e.g. "
                               f"{cfg.batch_size - cfg.batch_size % self.world_size or self.world_size}")
+        problems = option_problems(cfg.model, cfg.model_args)
+        if problems:
+            raise ConfigError("; ".join(problems))
         torch.manual_seed(cfg.seed)
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
         torch.set_flush_denormal(True)     # denormals in Adam's moments slow CPU training up to tenfold
         self.data = load_dataset(cfg.dataset, cfg.data_dir, context_length=cfg.context_length)
+        self.train_loader, self.test_loader = tasks.make_loaders(self.data, cfg, self.rank, self.world_size)
+        if len(self.train_loader) == 0:
+            raise ConfigError(f"the training split has {self.train_loader.num_samples} samples per process, fewer "
+                              f"than one batch of {cfg.batch_size // self.world_size}; use a smaller batch_size")
         self.device = distributed.device()
         try:
             self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes, **cfg.model_args)
         except ImportError as err:                 # an optional package (timm, transformers) is missing
             raise ConfigError(str(err)) from None
+        except ValueError as err:                  # model_args that do not fit this model or data
+            raise ConfigError(f"model {cfg.model!r} cannot be built with model_args {cfg.model_args}: {err}") from None
         self.model.to(self.device)               # the CPU, or this process's GPU under NCCL
         self._reset_sums()
         self.dense_params = sum(p.numel() for p in self.model.parameters())
@@ -95,16 +109,18 @@ class TrainingRun:
             wrap = _compiled(wrap)
         self.tracker = None if cfg.stability_every is None or self.rank != 0 else StabilityTracker(
             self.model, every=cfg.stability_every, cutoff=cfg.oialr.cutoff, mixing=True, lag=cfg.stability_lag)
-        auto = cfg.oialr.warmup_steps == "auto"         # its transition reads the run's series when there is one
-        self.controller = OIALR(self.model, self.optimizer, cfg.oialr, wrap=wrap,
+        self.total_steps = cfg.epochs * len(self.train_loader)
+        warmup = cfg.oialr.warmup_for(self.total_steps)
+        if cfg.method == "oialr" and warmup != "auto" and warmup >= self.total_steps:
+            raise ConfigError(f"oialr.warmup_steps={warmup} is not reached before the run ends: {cfg.epochs} epochs "
+                              f"x {len(self.train_loader)} steps = {self.total_steps} optimizer steps, so OIALR would "
+                              "train full-rank throughout; give fewer steps, a fraction of the run (--set "
+                              "oialr.warmup_steps=0.2) or more epochs")
+        auto = warmup == "auto"                         # its transition reads the run's series when there is one
+        self.controller = OIALR(self.model, self.optimizer, cfg.oialr, wrap=wrap, total_steps=self.total_steps,
                                 tracker=self.tracker if auto else None) if cfg.method == "oialr" \
             else peer_controller(cfg, self.model, self.optimizer, wrap)
         self._net = self.model if wrap is None or self.controller is not None else wrap(self.model)
-        self.train_loader, self.test_loader = tasks.make_loaders(self.data, cfg, self.rank, self.world_size)
-        if len(self.train_loader) == 0:
-            raise ConfigError(f"the training split has {self.train_loader.num_samples} samples per process, fewer "
-                              f"than one batch of {cfg.batch_size // self.world_size}; use a smaller batch_size")
-        self.total_steps = cfg.epochs * len(self.train_loader)
         self.lr_warmup_steps = round(cfg.lr_warmup_epochs * len(self.train_loader))
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
 
@@ -115,13 +131,14 @@ class TrainingRun:
         return self.controller.wrapped_model if self.controller is not None else self._net
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, epoch_sums: dict[str, list] | None = None) -> dict[str, Any]:
+        """Everything to resume exactly; ``epoch_sums``: every process's training sums since the last metrics row,
+        ``{"loss": [per process], "correct": [...], "seen": [...]}`` (:meth:`save_checkpoint` gathers them)."""
         return {
             "config": self.cfg.to_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "step": self.step, "train_seconds": self.train_seconds, "metrics": self.metrics,
             "phase_seconds": self.phase_seconds, "phase_samples": self.phase_samples,
-            "epoch_sums": {"loss": float(self._sums["loss"]), "correct": int(self._sums["correct"]),
-                           "seen": self._sums["seen"]},
+            "epoch_sums": epoch_sums or {k: [v] for k, v in self._plain_sums().items()},
             "controller": None if self.controller is None else self.controller.state_dict(),
             "tracker": None if self.tracker is None else self.tracker.state_dict(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -131,8 +148,10 @@ class TrainingRun:
     def save_checkpoint(self) -> str:
         """Rank 0 writes ``out/checkpoint.pt`` atomically; the other processes wait for it."""
         path = os.path.join(self.out, CHECKPOINT)
+        gathered = distributed.all_gather(list(self._plain_sums().values()))     # every process's partial sums
+        sums = {k: [type(v)(row[i]) for row in gathered] for i, (k, v) in enumerate(self._plain_sums().items())}
         if self.rank == 0:
-            files.save_torch(path, self.state_dict())
+            files.save_torch(path, self.state_dict(sums))
         distributed.barrier()
         return path
 
@@ -148,11 +167,19 @@ class TrainingRun:
         self.train_seconds, self.metrics = state["train_seconds"], state["metrics"]
         self.phase_seconds = state.get("phase_seconds", self.phase_seconds)
         self.phase_samples = state.get("phase_samples", self.phase_samples)
-        self._reset_sums(**state.get("epoch_sums", {}))
+        self._reset_sums(**self._my_sums(state.get("epoch_sums", {})))
 
     # ------------------------------------------------------------------ training
     def train(self) -> dict[str, Any]:
-        """Train the remaining epochs; returns the results dict (also written to ``out/results.json``)."""
+        """Train the remaining epochs; returns the results dict (also written to ``out/results.json``). The claim
+        on ``out`` is released when this returns or raises."""
+        try:
+            return self._train()
+        finally:
+            if self.folder is not None:
+                self.folder.release()
+
+    def _train(self) -> dict[str, Any]:
         text = tasks.is_text(self.data)
         self.files = RunFiles(self.out, x_key="step" if text else "epoch", first=self.step if text else self.epoch)
         previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -226,6 +253,20 @@ class TrainingRun:
         self.phase_seconds[phase] += time.perf_counter() - start      # no device sync: exact on the CPU only
         self.phase_samples[phase] += y.numel() * self.world_size
 
+    def _plain_sums(self) -> dict[str, float | int]:
+        return {"loss": float(self._sums["loss"]), "correct": int(self._sums["correct"]), "seen": self._sums["seen"]}
+
+    def _my_sums(self, saved: dict[str, Any]) -> dict[str, float | int]:
+        """This process's share of the saved sums: its own under the same number of processes, else the totals on
+        process 0 (a scalar is an older checkpoint's process-0 sums)."""
+        if not saved:
+            return {}
+        if not isinstance(saved["loss"], list):
+            return saved if self.rank == 0 else {}
+        if len(saved["loss"]) == self.world_size:
+            return {k: v[self.rank] for k, v in saved.items()}
+        return {k: sum(v) for k, v in saved.items()} if self.rank == 0 else {}
+
     def _reset_sums(self, loss: float = 0.0, correct: int = 0, seen: int = 0) -> None:
         """Training loss and correct predictions since the last metrics row, summed on the device."""
         self._sums = {"loss": torch.tensor(loss, dtype=torch.float64, device=self.device),
@@ -259,6 +300,8 @@ class TrainingRun:
         seen = max(seen, 1)
         epoch = self.epoch if self.batch_in_epoch == 0 else round(
             self.epoch + self.batch_in_epoch / len(self.train_loader), 4)
+        if not math.isfinite(loss / seen):        # every process sees the same sums: all stop here
+            raise Diverged(loss / seen, epoch, self.step)
         row = {"epoch": epoch, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
                "train_loss": loss / seen, "train_top1": correct / seen,
                **tasks.eval_row(self.data, eval_loss, top1), "train_seconds": self.train_seconds,
@@ -303,7 +346,8 @@ class TrainingRun:
             "config": self.cfg.to_dict(),
         }
         if self.rank == 0:
-            self.files.final(results, self.metrics, self.model, compact, self.tracker, self.log)
+            self.files.final(results, self.metrics, self.model, compact, self.tracker, self.log,
+                             self.controller.config if isinstance(self.controller, OIALR) else None)
         distributed.barrier()
         return results
 
@@ -313,10 +357,26 @@ def _compiled(wrap):
     return lambda model: torch.compile(model if wrap is None else wrap(model))
 
 
-def start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, *, log=print) -> TrainingRun:
+def start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, *, log=print,
+                    given: set[str] | None = None) -> TrainingRun:
     """A ready :class:`TrainingRun`: new (``out`` must not hold one) or restored from ``out/checkpoint.pt``.
 
-    On resume the saved config is used; ``cfg`` (when given) must equal it."""
+    On resume the saved config is used; ``cfg`` (when given) must agree with it on every setting, or on those named
+    in ``given`` (the ones the user set: :func:`oialr.cli.settings.given_settings`). Process 0 first claims ``out``
+    (:class:`RunFolder`: writable, not in use by another run); the claim is held until :meth:`TrainingRun.train`
+    ends."""
+    folder = RunFolder(out).claim() if distributed.process_rank() == 0 else None
+    try:
+        run = _start_or_resume(cfg, out, resume, log, given)
+    except BaseException:
+        if folder is not None:
+            folder.release()
+        raise
+    run.folder = folder
+    return run
+
+
+def _start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, log, given: set[str] | None) -> TrainingRun:
     path = os.path.join(out, CHECKPOINT)
     if not resume:
         if os.path.exists(path):
@@ -327,16 +387,15 @@ def start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, *, log=prin
         return run
     if not os.path.exists(path):
         raise ConfigError(f"nothing to resume: {path} does not exist; start the run without --resume")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = build_config(state["config"])
-    if cfg is not None and cfg != saved:
-        diffs = [f"{k}: saved {v!r}, given {cfg.to_dict()[k]!r}" for k, v in saved.to_dict().items()
-                 if cfg.to_dict()[k] != v]
-        raise ConfigError("--resume continues the saved run; its settings differ from the ones given:\n  "
-                          + "\n  ".join(diffs))
+    state = read_checkpoint(path)
+    saved = resumed_config(state, path, cfg, given)
     run = TrainingRun(saved, out, log=log)
     run.setup()
-    run.load_checkpoint(state)
+    try:
+        run.load_checkpoint(state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ConfigError(f"{path} does not fit the run its settings describe ({type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0][:200]}); restore the file or start a new run") from None
     run.log(f"resumed {out} at epoch {run.epoch}, step {run.step}")
     return run
 

@@ -41,7 +41,9 @@ class TrainConfig:
     epochs, batch_size, seed: the usual. augment: random crop + flip for images (never for MNIST-1D).
     optimizer: ``adamw`` or ``sgd`` (with ``momentum``); lr, weight_decay; learning rate: linear warm-up over
         ``lr_warmup_epochs``, then cosine to 0. label_smoothing; grad_clip: max gradient norm (``null`` = off).
-    threads: torch intra-op threads (``null`` = torch's default). compile: train through ``torch.compile(model)``
+    threads: torch intra-op threads (``null`` = torch's default). dist_timeout: under torchrun, seconds a process
+        waits for the others in a collective before the run ends with an error naming it (a setting of this launch:
+        ``--resume`` may change it). compile: train through ``torch.compile(model)``
         (recompiled when the transition or a rank change replaces Σ; evaluation stays eager).
         oialr: :class:`oialr.OIALRConfig` fields.
     stability_every: record every layer's basis stability every this many steps for the whole run
@@ -66,6 +68,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     grad_clip: float | None = 5.0
     threads: int | None = None
+    dist_timeout: float = 300.0
     compile: bool = False
     stability_every: int | None = None
     stability_lag: int = 1
@@ -144,6 +147,7 @@ def _errors(cfg: TrainConfig) -> list[str]:
           or (cfg.stability_every, cfg.stability_lag) == (auto.every, auto.lag),
           f"stability_every/stability_lag ({cfg.stability_every}/{cfg.stability_lag}) must equal oialr.auto.every/"
           f"lag ({auto.every}/{auto.lag}): the automatic transition reads the run's stability series; set both alike")
+    number("dist_timeout", 0, 86400, low_open=True)
     check(cfg.threads is None or (is_int(cfg.threads) and cfg.threads >= 1),
           f"threads must be an integer >= 1 or null, got {cfg.threads!r}")
     return errors
@@ -181,6 +185,20 @@ def build_config(file_values: dict | None = None, overrides: list[str] | None = 
         errors.messages.extend(_errors(cfg))
     errors.raise_if_any("training configuration", ConfigError)
     return cfg
+
+
+def given_settings(file_values: dict | None = None, overrides: list[str] | None = None, **flags: Any) -> set[str]:
+    """The dotted names of the settings that ``build_config`` with these arguments takes from the user rather than
+    from the defaults (``{"epochs", "oialr.cutoff", "model_args.width"}``)."""
+    given = set(_flatten(file_values)) if isinstance(file_values, dict) else set()
+    given |= {k for k, v in flags.items() if v is not None}
+    given |= {item.partition("=")[0].strip() for item in overrides or []}
+    return given
+
+
+def flat_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """Every setting of ``cfg`` under its dotted name, as :func:`given_settings` names them."""
+    return _flatten(cfg.to_dict())
 
 
 def _flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:

@@ -7,6 +7,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from .dynamic import dynamic_ranks
+
 PATHS = ("chain", "merged", "dense")
 _forced_path: str | None = None         # set by force_path()
 
@@ -28,7 +30,11 @@ def forward_path(tokens: int, m: int, n: int, r: int) -> str:
         "merged": tokens * r * (2 * m + 3 * n) + 2 * n * r * r,
         "dense": 3 * tokens * m * n + 2 * (m * r * n + min(m, n) * r * r),
     }
-    return min(PATHS, key=costs.__getitem__)
+    best = PATHS[0]
+    for path in PATHS[1:]:          # min() by hand: torch.compile traces comparisons of symbolic ranks, not min(key=)
+        if costs[path] < costs[best]:
+            best = path
+    return best
 
 
 @contextmanager
@@ -66,6 +72,7 @@ class LowRankLayer(nn.Module):
     def __init__(self, U: Tensor, S: Tensor, V: Tensor) -> None:
         super().__init__()
         self._check_factors(U, S, V)
+        dynamic_ranks()                             # torch.compile: one graph for every rank
         self.lowrank_U = nn.Parameter(U, requires_grad=False)
         self.lowrank_S = nn.Parameter(S)
         self.lowrank_V = nn.Parameter(V, requires_grad=False)
@@ -123,8 +130,11 @@ class LowRankLayer(nn.Module):
         """The plain-torch form storing the fewest parameters: two layers, ``Σ Vᵀ (r×n)`` then ``U (m×r)`` (and the
         bias), when ``r·(m + n) < m·n``; else :meth:`to_dense`. Same function as this layer."""
         m, n = self.matrix_shape
-        if self.rank * (m + n) >= m * n:
-            return self.to_dense()
+        return self.to_dense() if self.rank * (m + n) >= m * n else self.to_two_layers()
+
+    def to_two_layers(self) -> nn.Sequential:
+        """Two plain layers of the original type, ``Σ Vᵀ (r×n)`` then ``U (m×r)`` and the bias, whatever their
+        size (:meth:`to_compact` uses them where they are smaller than the dense layer)."""
         trains = self.lowrank_S.requires_grad
         with torch.no_grad():
             first = nn.Parameter((self.lowrank_S @ self.lowrank_V.mT).contiguous(), requires_grad=trains)

@@ -1,0 +1,1 @@
+"""Integrations of oialr with other libraries (each module imports its library; install the matching extra)."""
