@@ -193,12 +193,12 @@ def test_a_corrupt_or_foreign_checkpoint_is_refused_in_one_line(data_dir, tmp_pa
 
 def test_resume_lists_only_the_settings_the_user_gave(data_dir, tmp_path, capsys):
     out = tmp_path / "r"
-    assert main(args(data_dir, out, "--epochs", "1", "--set", "oialr.cutoff=0.3")) == 0
+    assert main(args(data_dir, out, "--epochs", "2", "--set", "oialr.cutoff=0.3")) == 0
     capsys.readouterr()
-    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--set", "dist_timeout=60"]) == 2
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "3", "--set", "dist_timeout=60"]) == 2
     assert capsys.readouterr().err == ("oialr: error: --resume continues the saved run; its settings differ from the "
-                                       "ones given:\n  epochs: saved 1, given 2\n")
-    assert main(["train", "--out", str(out), "--resume", "--epochs", "1", "--set", "oialr.cutoff=0.3",
+                                       "ones given:\n  epochs: saved 2, given 3\n")
+    assert main(["train", "--out", str(out), "--resume", "--epochs", "2", "--set", "oialr.cutoff=0.3",
                  "--set", "dist_timeout=60"]) == 0                  # a launch setting: not compared
 
 
