@@ -1,14 +1,15 @@
 """The basis update of all factored layers (ranks by the cutoff or a size budget, process 0's SVDs broadcast, then
-growth), and the one place a factored layer and the optimizer take new factors."""
+growth), the one place a factored layer and the optimizer take new factors, and a budget's ranks at the transition."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import budget, distributed, growth, optim_state
 from .config import OIALRConfig
 from .factorize import BasisUpdate, Factors, cut_rank, rotation, truncate
 from .layers import LowRankLayer
+from .targets import as_matrix, layer_weight
 
 
 def update_all(layers: dict[str, LowRankLayer], optimizer, config: OIALRConfig,
@@ -70,3 +71,13 @@ def apply_factors(layer: LowRankLayer, optimizer, new: BasisUpdate | Factors, tr
         elif now[i] is not old[i]:
             optim_state.swap_param(optimizer, old[i], now[i])
     return replaced
+
+
+def transition_ranks(model: nn.Module, targets: list[str], config: OIALRConfig) -> dict[str, int] | None:
+    """The ranks ``config.stored_budget`` gives the layers ``targets`` at the transition
+    (:func:`oialr.budget.transition_ranks`), allocated on process 0 and broadcast; ``None`` without a budget."""
+    if config.stored_budget is None:
+        return None
+    ranks = budget.transition_ranks([as_matrix(*layer_weight(model, name)) for name in targets], config) \
+        if distributed.is_source() else [0] * len(targets)
+    return dict(zip(targets, distributed.broadcast_ints(ranks)))

@@ -182,12 +182,7 @@ class OIALR:
             health.check_layers({name: {"W": layer_weight(self.model, name)[1]} for name in self.targets},
                                 step=self.step_count, event="transition")
         self._warn_unknown_optimizer()
-        chosen = None
-        if ranks is None and self.config.stored_budget is not None:
-            chosen = budget.transition_ranks([as_matrix(*layer_weight(self.model, name)) for name in self.targets],
-                                             self.config) \
-                if distributed.is_source() else [0] * len(self.targets)
-            chosen = dict(zip(self.targets, distributed.broadcast_ints(chosen)))
+        chosen = basis_updates.transition_ranks(self.model, self.targets, self.config) if ranks is None else None
         for name in self.targets:
             module, weight = layer_weight(self.model, name)
             matrix = as_matrix(module, weight)
