@@ -46,6 +46,20 @@ class OIALRConfig:
         max_drop_fraction: remove at most ``floor(max_drop_fraction * r)`` of a layer's ``r`` values per basis update;
             ``0.5`` is the paper's "at most half per update"; ``1.0`` (default) removes everything under the cutoff;
             ``0`` cuts only at the transition (the ranks stay fixed after it; basis updates only rotate).
+        stored_budget: if set, a fraction in ``(0, 1]``: the factored layers together store at most this fraction of
+            the dense parameters they replace (``U``, ``Σ``, ``V`` counted: ``r(m + n + r)`` per layer). The ranks are
+            allocated across layers (:func:`oialr.budget.allocate_ranks`) at the transition and at every basis
+            update; the budget caps what the rules above keep (``cutoff``, ``rank_fraction``, ``min_rank``, and
+            ``max_drop_fraction``, which can slow how fast it is reached): ``cutoff=0`` lets the budget alone
+            decide. A budget below every layer at ``min_rank`` is an error when the controller is built.
+
+    Beyond the paper
+        augment_bases: at every basis update, after the cut, widen each layer's ``U``, ``V`` with up to ``r`` new
+            directions of the loss gradient they miss (recorded in the backward pass of the step before the
+            update; :mod:`oialr.growth`), with zeros in ``Σ`` for them: a layer can gain rank where training needs
+            it. Between updates a layer holds up to twice its cut rank (the budget applies to the cut ranks).
+        train_bases: ``U`` and ``V`` train too, in ``Σ``'s param group (they replace the same weight), with their
+            own optimizer state carried through the basis updates, which re-orthonormalise them.
 
     Which layers (``nn.Linear``, ``nn.Conv1d/2d/3d`` with ``groups=1``, ``nn.MultiheadAttention`` projections)
         target_modules: ``None`` = every eligible layer; a list of names = layers whose qualified name equals an entry
@@ -70,6 +84,9 @@ class OIALRConfig:
     exclude_modules: list[str] | str | None = field(default_factory=list)
     keep_output_layer_dense: bool = True
     max_aspect_ratio: float | None = None
+    stored_budget: float | None = None
+    augment_bases: bool = False
+    train_bases: bool = False
     auto: AutoTransition = field(default_factory=AutoTransition)
 
     def __post_init__(self) -> None:
@@ -100,6 +117,14 @@ class OIALRConfig:
         check(is_real(self.max_drop_fraction) and 0.0 <= self.max_drop_fraction <= 1.0,
               f"max_drop_fraction must be a number in [0, 1] (0.5 = the paper's 'at most half', 0 = no cut after "
               f"the transition), got {self.max_drop_fraction!r}")
+        check(self.stored_budget is None or (is_real(self.stored_budget) and 0.0 < self.stored_budget <= 1.0),
+              f"stored_budget must be None or a fraction in (0, 1] of the dense parameters (0.25 = a quarter), "
+              f"got {self.stored_budget!r}")
+        for name in ("augment_bases", "train_bases"):
+            check(isinstance(getattr(self, name), bool), f"{name} must be True or False, got {getattr(self, name)!r}")
+        check(not (self.augment_bases is True and self.max_drop_fraction == 0),
+              "augment_bases=True widens the bases at every update and only the cut narrows them again, but "
+              "max_drop_fraction=0 never cuts after the transition; raise max_drop_fraction or drop augment_bases")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, tuple):

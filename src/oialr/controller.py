@@ -6,12 +6,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import distributed, health, optim_state
+from . import basis_updates, budget, distributed, growth, health, optim_state
 from ._checks import check_same_settings, check_state_version, is_int, warn
 from .auto_transition import PlateauRule
 from .config import OIALRConfig
 from .convert import convert_layer
-from .factorize import BasisUpdate, Factors, basis_update, placeholder_factors, stored_params, transition_factors
+from .factorize import placeholder_factors, stored_params, transition_factors
 from .layers import LowRankLayer
 from .stability import StabilityTracker
 from .targets import LayerInfo, as_matrix, find_layers, format_table, layer_weight, no_target_message, trainable_params
@@ -41,6 +41,11 @@ class OIALR:
        with ``U``, ``V`` frozen and ``Σ`` (a full ``r×r`` matrix) in ``W``'s place in the optimizer;
     3. every ``update_every`` steps after that (:meth:`update_bases`): ``Σ = u diag(s) vᵀ``; ``U ← U u``,
        ``V ← V v``, ``Σ ← diag(s)`` (``U Σ Vᵀ`` unchanged), then drop the trailing values ``s_i < cutoff·s_1``.
+
+    Beyond the paper (:class:`OIALRConfig`): ``stored_budget`` allocates the ranks across layers at 2 and 3
+    (:mod:`oialr.budget`); ``augment_bases`` widens ``U``, ``V`` after each cut with the gradient directions they
+    miss, recorded in the backward pass of the step before the update (:mod:`oialr.growth`); ``train_bases`` also
+    trains ``U`` and ``V`` (their optimizer state carried like ``Σ``'s).
 
     The maths is in :mod:`oialr.factorize`, the optimizer state of ``Σ`` is carried as :mod:`oialr.optim_state`
     says. :meth:`state_dict` holds the step counter, the transition, the ranks and the automatic transition's
@@ -91,7 +96,12 @@ class OIALR:
             if optim_state.find_group(optimizer, layer_weight(model, name)[1]) is None:
                 raise ValueError(f"the weight of layer {name!r} trains (requires_grad=True) but is not in the "
                                  "optimizer; add it to the optimizer or list the layer in exclude_modules")
+        if self.config.stored_budget is not None:
+            budget.check_budget([i.shape for i in self.layer_infos if i.convert], self.config.stored_budget,
+                                self.config.min_rank)
         self.dense_trainable_params = trainable_params(model)
+        self._recorder = growth.GradientRecorder() if self.config.augment_bases else None
+        self.cut_ranks: dict[str, int] = {}             # the ranks the last transition or cut kept (before growth)
         self.step_count = 0
         self.transition_step: int | None = None
         self.transition_reason: str | None = None
@@ -99,6 +109,7 @@ class OIALR:
         self.warmup = WarmupEnd(model, self.config, self.targets, tracker, steps=self.warmup_steps)
         if self.warmup_steps == 0:
             self.transition("warmup_steps=0: converted when the controller was built")
+            self._record_before_update()
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -119,8 +130,12 @@ class OIALR:
     def wrapped_model(self) -> nn.Module:
         """The module to run the training forward through: ``wrap(model)``, built on first use and again after the
         controller replaced Parameter objects (the transition, a rank change, a restore); ``model`` without ``wrap``.
-        Read it at every step (:class:`oialr.wrapper.Rewrapped`)."""
-        return self._wrapper.module
+        Read it at every step (:class:`oialr.wrapper.Rewrapped`). A wrapper built while ``augment_bases`` records
+        gradients sees the bases frozen (DDP must not sync them)."""
+        if self._recorder is None:
+            return self._wrapper.module
+        with self._recorder.paused():
+            return self._wrapper.module
 
     def step(self) -> None:
         """Advance one optimizer step; run the transition or a basis update when the schedule says so. Raises
@@ -140,6 +155,13 @@ class OIALR:
         except health.DegenerateStateError:
             self.step_count -= 1
             raise
+        self._record_before_update()
+
+    def _record_before_update(self) -> None:
+        """With ``augment_bases``: record the bases' gradients during the next step if it ends in an update."""
+        if self._recorder is not None and self.transition_step is not None and \
+                (self.step_count + 1 - self.transition_step) % self.config.update_every == 0:
+            self._recorder.start(self.lowrank_layers())
 
     def lowrank_layers(self) -> dict[str, LowRankLayer]:
         """The factored layers by qualified name (empty before the transition)."""
@@ -153,60 +175,54 @@ class OIALR:
         """Factor every target weight (:func:`oialr.factorize.transition_factors`; ranks from the config), or,
         restoring a saved run, give every target the saved rank ``ranks`` with placeholder factors (no SVD: the
         values are loaded next). One layer at a time: its dense weight and optimizer state are freed before the next
-        layer's SVD. A fresh transition first checks every weight (:func:`oialr.health.check_layers`: finite, not all
-        zero) and raises :class:`oialr.DegenerateStateError` before changing any."""
+        layer's SVD (a ``stored_budget`` first computes every weight's singular values, to allocate the ranks). A
+        fresh transition first checks every weight (:func:`oialr.health.check_layers`: finite, not all zero) and
+        raises :class:`oialr.DegenerateStateError` before changing any."""
         if ranks is None:
             health.check_layers({name: {"W": layer_weight(self.model, name)[1]} for name in self.targets},
                                 step=self.step_count, event="transition")
         self._warn_unknown_optimizer()
+        chosen = basis_updates.transition_ranks(self.model, self.targets, self.config) if ranks is None else None
         for name in self.targets:
             module, weight = layer_weight(self.model, name)
             matrix = as_matrix(module, weight)
             if ranks is not None:
                 factors = placeholder_factors(*matrix.shape, ranks[name], like=weight)
             else:                                       # process 0's SVD, adopted by every process
-                factors = transition_factors(matrix, self.config) if distributed.is_source() else None
+                factors = transition_factors(matrix, self.config, chosen and chosen[name]) \
+                    if distributed.is_source() else None
                 factors = distributed.broadcast_factors(factors, matrix.shape, like=weight)
             layer = convert_layer(self.model, name, factors)[1]
+            if self.config.train_bases:
+                layer.lowrank_U.requires_grad_(True)
+                layer.lowrank_V.requires_grad_(True)
             optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S, layer.lowrank_U, layer.lowrank_V,
                                       lambda t, module=module: as_matrix(module, t))
             del module, weight, matrix, factors
         self._wrapper.invalidate()                      # new Parameters: the wrapper is rebuilt on next use
         self.transition_step = self.step_count
         self.transition_reason = reason
+        self.cut_ranks = {name: layer.rank for name, layer in self.lowrank_layers().items()}
         self.warmup.finish()
 
     @torch.no_grad()
-    def update_bases(self) -> None:
-        """Basis update of every factored layer (:func:`oialr.factorize.basis_update`), computed by process 0 and
-        broadcast under ``torch.distributed``, then applied on every process (:meth:`_apply`). Every layer's
-        ``U``, ``Σ``, ``V`` are checked first (finite, none all zero): :class:`oialr.DegenerateStateError`, and no
-        layer changed, otherwise."""
+    def update_bases(self, grow: bool = True) -> None:
+        """Basis update of every factored layer (:func:`oialr.basis_updates.update_all`: ranks by the cutoff or
+        the ``stored_budget``, computed by process 0 and broadcast under ``torch.distributed``). With
+        ``augment_bases`` the bases are then widened by the gradient recorded since the step before; ``grow=False``
+        skips that, e.g. as a run's last call so that the final model keeps only the cut ranks. Every layer's ``U``,
+        ``Σ``, ``V`` are checked first (finite, none all zero): :class:`oialr.DegenerateStateError`, and no layer
+        changed, otherwise."""
         layers = self.lowrank_layers()
         health.check_layers({name: {"U": layer.lowrank_U, "Σ": layer.lowrank_S, "V": layer.lowrank_V}
                              for name, layer in layers.items()},
                             step=self.step_count, event="basis update")
         self._warn_unknown_optimizer()
-        updates = [basis_update(layer.lowrank_U, layer.lowrank_S, layer.lowrank_V, self.config)
-                   for layer in layers.values()] if distributed.is_source() else None
-        shapes = [(*layer.matrix_shape, layer.rank) for layer in layers.values()]
-        like = next(iter(layers.values())).lowrank_S
-        for layer, update in zip(layers.values(), distributed.broadcast_updates(updates, shapes, like)):
-            if update is not None:
-                self._apply(layer, update)
-
-    def _apply(self, layer: LowRankLayer, new: BasisUpdate | Factors) -> None:
-        """The one place factors change after the transition: the layer takes the new ``U``, ``Σ``, ``V`` (new
-        Parameters when the rank changes), ``Σ``'s optimizer entry follows, rotated by a basis update's ``u``, ``v``
-        (or fresh for plain ``Factors``: a restore, whose state is loaded next), and a wrapper holding old Parameters
-        is dropped."""
-        old_S = layer.lowrank_S
-        if layer.set_factors(new.U, new.S, new.V):
+        grads = self._recorder.stop() if self._recorder is not None else {}
+        replaced, self.cut_ranks = basis_updates.update_all(layers, self.optimizer, self.config,
+                                                            grads if grow and self._recorder is not None else None)
+        if replaced:
             self._wrapper.invalidate()
-        if isinstance(new, BasisUpdate):
-            optim_state.rotate(self.optimizer, old_S, layer.lowrank_S, new.u, new.v)
-        elif layer.lowrank_S is not old_S:
-            optim_state.swap_param(self.optimizer, old_S, layer.lowrank_S)
 
     def _warn_unknown_optimizer(self) -> None:
         if optim_state.optimizer_kind(self.optimizer) is None and not self._warned_optimizer:
@@ -243,6 +259,9 @@ class OIALR:
             "dense_trainable_params": self.dense_trainable_params,
             "stored_params": stored,
             "dense_share": 1 - converted / stored if stored else 0.0,
+            **budget.stored_fractions([i.shape for i in self.layer_infos if i.convert], self.config.stored_budget,
+                                      [layer.rank for layer in self.lowrank_layers().values()],
+                                      [self.cut_ranks[name] for name in self.targets] if self.cut_ranks else []),
             "layers": layers,
         }
 
@@ -261,6 +280,7 @@ class OIALR:
             "transition_step": self.transition_step,
             "transition_reason": self.transition_reason,
             "ranks": {name: layer.rank for name, layer in self.lowrank_layers().items()},
+            "cut_ranks": dict(self.cut_ranks),
             **self.warmup.state_dict(),                 # "tracker", "rule"
             "dense_trainable_params": self.dense_trainable_params,
             "config": self.config.to_dict(),
@@ -284,13 +304,19 @@ class OIALR:
             raise ValueError("cannot restore a full-rank (pre-transition) state into a controller that already "
                              "converted the model; build a fresh model, optimizer and controller")
         self.warmup.load_state_dict(state)
+        if self._recorder is not None:
+            self._recorder.stop()
         if state["transition_step"] is not None and self.transition_step is None:
             self.transition(state["transition_reason"], ranks)
         elif state["transition_step"] is not None:
             for name, layer in self.lowrank_layers().items():
                 if layer.rank != ranks[name]:           # placeholder values of the saved rank
-                    self._apply(layer, placeholder_factors(*layer.matrix_shape, ranks[name], like=layer.lowrank_S))
+                    new = placeholder_factors(*layer.matrix_shape, ranks[name], like=layer.lowrank_S)
+                    if basis_updates.apply_factors(layer, self.optimizer, new, self.config.train_bases):
+                        self._wrapper.invalidate()
         self.step_count = state["step"]
         self.transition_step = state["transition_step"]
         self.transition_reason = state["transition_reason"]
         self.dense_trainable_params = state["dense_trainable_params"]
+        self.cut_ranks = dict(state.get("cut_ranks", ranks))
+        self._record_before_update()

@@ -8,7 +8,8 @@ on one process would give it a different ``U`` for the same ``W``.
 
 Communication per layer ``W (m×n)``, rank ``r`` before and ``k`` after an update (float32 parameters):
     transition:     4·k·(m + n + k) bytes (``U``, ``Σ``, ``V``) + 8 bytes (the rank)
-    basis update:   4·k·(m + n + k) + 8·2·r² bytes (``u``, ``v`` in float64, for the optimizer state) + 8 bytes
+    basis update:   4·k·(m + n + k) + 8·4·r² bytes (``u``, ``v``, ``R_U``, ``R_V`` in float64, for the optimizer
+                    state) + 8 bytes
 each packed into one buffer per dtype, i.e. three broadcasts per update whatever the number of layers.
 """
 from __future__ import annotations
@@ -55,21 +56,32 @@ def device() -> torch.device:
 
 # ---------------------------------------------------------------------------------------------------- collectives
 @torch.no_grad()
-def broadcast_(tensors: Sequence[Tensor]) -> None:
-    """Overwrite ``tensors`` in place with the source's values: one broadcast per (dtype, device) of a flat buffer.
-    Every process passes tensors of the same shapes and dtypes in the same order."""
-    if not is_distributed():
-        return
+def _per_buffer(tensors: Sequence[Tensor], collective) -> None:
+    """Run ``collective`` on one flat buffer per (dtype, device) of ``tensors`` and copy the result back."""
     groups: dict[tuple, list[Tensor]] = {}
     for t in tensors:
         groups.setdefault((t.dtype, t.device), []).append(t)
     for group in groups.values():
         flat = torch.cat([t.reshape(-1) for t in group])
-        dist.broadcast(flat, SOURCE)
+        collective(flat)
         offset = 0
         for t in group:
             t.copy_(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
+
+
+def broadcast_(tensors: Sequence[Tensor]) -> None:
+    """Overwrite ``tensors`` in place with the source's values: one broadcast per (dtype, device) of a flat buffer.
+    Every process passes tensors of the same shapes and dtypes in the same order."""
+    if is_distributed():
+        _per_buffer(tensors, lambda flat: dist.broadcast(flat, SOURCE))
+
+
+def sum_to_source_(tensors: Sequence[Tensor]) -> None:
+    """Replace ``tensors`` on the source by their sum over the processes (one reduce per (dtype, device) of a flat
+    buffer; the other processes' tensors are left undefined). Every process passes the same shapes and dtypes."""
+    if is_distributed():
+        _per_buffer(tensors, lambda flat: dist.reduce(flat, SOURCE))
 
 
 def broadcast_ints(values: Sequence[int]) -> list[int]:
@@ -134,38 +146,43 @@ def broadcast_factors(factors: Factors | None, shape: tuple[int, int], like: Ten
 
 @torch.no_grad()
 def broadcast_updates(updates: Sequence[BasisUpdate | None] | None, shapes: Sequence[tuple[int, int, int]],
-                      like: Tensor) -> list[BasisUpdate | None]:
+                      like: Tensor, with_R: bool = False) -> list[BasisUpdate | None]:
     """The source's basis updates on every process.
 
     ``updates`` (read on the source only; pass ``None`` elsewhere): per layer a :class:`BasisUpdate` or ``None``
     for a layer whose update is skipped; ``shapes``: per layer ``(m, n, r)``, its matrix shape and current rank.
     Returned on every process, the source included: the factors in ``like``'s dtype (the values the layer stores)
-    and ``u``, ``v`` in float64, so every process applies the very same numbers.
+    and ``u``, ``v`` in float64, so every process applies the very same numbers; ``R_U``, ``R_V`` too (float64)
+    with ``with_R`` (trained bases, whose optimizer state needs them; 16·r² more bytes per layer), else ``None``.
     """
     if not is_distributed():
-        return list(updates)
+        return [up if up is None or with_R else up._replace(R_U=None, R_V=None) for up in updates]
     source = is_source()
     ks = broadcast_ints([0 if up is None else up.S.shape[0] for up in updates] if source else [0] * len(shapes))
     rot = dict(dtype=torch.float64, device=like.device)
+    maps = 4 if with_R else 2
     out: list[BasisUpdate | None] = []
     for i, ((m, n, r), k) in enumerate(zip(shapes, ks)):
         if k == 0:
             out.append(None)
-        elif source:
-            U, S, V, u, v = updates[i]
-            out.append(BasisUpdate(*(t.to(like).contiguous() for t in (U, S, V)),
-                                   u.double().contiguous(), v.double().contiguous()))
+            continue
+        if source:
+            U, S, V, *rest = updates[i]
+            factors = [t.to(like).contiguous() for t in (U, S, V)]
+            rest = [t.double().contiguous() for t in rest[:maps]]
         else:
-            out.append(BasisUpdate(like.new_empty(m, k), like.new_empty(k, k), like.new_empty(n, k),
-                                   torch.empty(r, r, **rot), torch.empty(r, r, **rot)))
-    broadcast_([t for up in out if up is not None for t in up])
+            factors = [like.new_empty(m, k), like.new_empty(k, k), like.new_empty(n, k)]
+            rest = [torch.empty(r, r, **rot) for _ in range(maps)]
+        out.append(BasisUpdate(*factors, *rest, *(None,) * (4 - maps)))
+    broadcast_([t for up in out if up is not None for t in up if t is not None])
     return out
 
 
 # ---------------------------------------------------------------------------------------------------- setup
 def ddp(module: nn.Module) -> nn.Module:
     """``DistributedDataParallel(module)``, with ``device_ids`` when ``module`` is on a GPU. ``U`` and ``V`` have
-    ``requires_grad=False``, so DDP neither syncs nor waits for them; ``find_unused_parameters`` stays off."""
+    ``requires_grad=False`` (unless ``train_bases``), so DDP neither syncs nor waits for them;
+    ``find_unused_parameters`` stays off."""
     where = next(module.parameters()).device
     return nn.parallel.DistributedDataParallel(module, device_ids=[where.index] if where.type == "cuda" else None)
 

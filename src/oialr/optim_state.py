@@ -66,8 +66,9 @@ def enter_lowrank(optimizer: torch.optim.Optimizer, weight: Tensor, S: nn.Parame
                   as_matrix: Callable[[Tensor], Tensor] = linalg.matrix_view) -> None:
     """Transition: ``S`` replaces ``weight`` in the optimizer, with the state described in the module docstring
     (SGD's momentum, shaped like ``weight`` and seen as the ``m×n`` matrix by ``as_matrix``, projected in
-    float64)."""
-    old_state = swap_param(optimizer, weight, S)
+    float64); trained bases (``requires_grad``) follow ``S`` in the same param group (the hyperparameters of the
+    weight they replace), with fresh state."""
+    old_state = swap_param(optimizer, weight, S, *(p for p in (U, V) if p.requires_grad))
     if optimizer_kind(optimizer) == "sgd" and old_state.get("momentum_buffer") is not None:
         U, V = U.double(), V.double()
         buf = as_matrix(old_state["momentum_buffer"]).double()
@@ -82,27 +83,48 @@ def rotate(optimizer: torch.optim.Optimizer, old_S: Tensor, new_S: nn.Parameter,
     ``u``, ``v`` (``r×r``) are the singular vectors of the old ``Σ``; ``new_S`` is ``k×k`` with ``k <= r``.
     ``old_S`` and ``new_S`` may be the same Parameter object (rank unchanged, factors updated in place).
     """
-    state = swap_param(optimizer, old_S, new_S) if old_S is not new_S else optimizer.state.pop(new_S, {})
+    k = new_S.shape[0]
+    u, v = u.to(torch.float64), v.to(torch.float64)
+    _moments(optimizer, old_S, new_S, lambda m: (u.mT @ m.to(torch.float64) @ v)[:k, :k],
+             lambda sq: ((u * u).mT @ sq.to(torch.float64) @ (v * v))[:k, :k])
+
+
+def _moments(optimizer: torch.optim.Optimizer, old: Tensor, new: nn.Parameter, first, second) -> None:
+    """Move ``old``'s state to ``new`` (swapping it into the param group unless it is ``old``), mapping the first
+    moments / momentum with ``first`` and Adam's second moments with ``second``; ``step`` is kept."""
+    state = swap_param(optimizer, old, new) if old is not new else optimizer.state.pop(new, {})
     kind = optimizer_kind(optimizer)
     if not state or kind is None:
         return
-    k = new_S.shape[0]
-    u, v = u.to(torch.float64), v.to(torch.float64)
-
-    def first_moment(m: Tensor) -> Tensor:
-        return (u.mT @ m.to(torch.float64) @ v)[:k, :k].to(m.dtype).contiguous()
-
-    def second_moment(sq: Tensor) -> Tensor:
-        return ((u * u).mT @ sq.to(torch.float64) @ (v * v))[:k, :k].to(sq.dtype).contiguous()
-
     new_state = dict(state)
-    if kind == "sgd":
-        if state.get("momentum_buffer") is not None:
-            new_state["momentum_buffer"] = first_moment(state["momentum_buffer"])
-    else:
-        new_state["exp_avg"] = first_moment(state["exp_avg"])
-        new_state["exp_avg_sq"] = second_moment(state["exp_avg_sq"])
-        if "max_exp_avg_sq" in state:
-            new_state["max_exp_avg_sq"] = second_moment(state["max_exp_avg_sq"])
-    optimizer.state[new_S] = new_state
+    names = ("momentum_buffer",) if kind == "sgd" else ("exp_avg",)
+    for name in names:
+        if state.get(name) is not None:
+            new_state[name] = first(state[name]).to(state[name].dtype).contiguous()
+    for name in ("exp_avg_sq", "max_exp_avg_sq") if kind == "adam" else ():
+        if name in state:
+            new_state[name] = second(state[name]).to(state[name].dtype).contiguous()
+    optimizer.state[new] = new_state
 
+
+@torch.no_grad()
+def carry_basis(optimizer: torch.optim.Optimizer, old: Tensor, new: nn.Parameter, T: Tensor) -> None:
+    """A trained basis ``U (m×r)`` replaced by ``U' (m×k)`` with ``∂L/∂U' = (∂L/∂U) T`` (``T (r×k)``,
+    :meth:`oialr.factorize.BasisUpdate.basis_maps`): first moment / momentum ``m' = m T`` (exact, linear in the
+    gradient), Adam's second moment ``v' = v (T∘T)`` (entries treated as uncorrelated, as :func:`rotate` does);
+    ``step`` kept."""
+    T = T.to(torch.float64)
+    _moments(optimizer, old, new, lambda m: m.to(torch.float64) @ T, lambda v: v.to(torch.float64) @ (T * T))
+
+
+@torch.no_grad()
+def pad(optimizer: torch.optim.Optimizer, old: Tensor, new: nn.Parameter) -> None:
+    """A factor widened by new directions (``Σ (k×k)`` -> ``(k+p)×(k+p)``, ``U (m×k)`` -> ``m×(k+p)``, ``old``'s
+    values in the leading block): its state moves to ``new`` with zeros for the new entries, Adam's ``step`` kept
+    (so the first steps of the new entries are larger than a fresh Adam's, by up to ``(1−β₁)/√(1−β₂) ≈ 3.2``)."""
+    def widen(t: Tensor) -> Tensor:
+        out = t.new_zeros(new.shape)
+        out[tuple(slice(0, d) for d in t.shape)] = t
+        return out
+
+    _moments(optimizer, old, new, widen, widen)

@@ -339,6 +339,8 @@ class TrainingRun:
             "stability_overhead": None if self.tracker is None else self.tracker.overhead,   # since this start
             "transition_step": summary["transition_step"] if summary else None,
             "transition_reason": summary["transition_reason"] if summary else None,
+            **{k: summary.get(k) if summary else None
+               for k in ("stored_budget", "stored_fraction", "cut_stored_fraction")},
             "layers": summary["layers"] if summary else {},
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "config": self.cfg.to_dict(),

@@ -15,8 +15,8 @@ state, each ``Σ`` at its dense weight's position in the optimizer, then loads t
 loads the optimizer state into the right parameters. None of it depends on the order of the callbacks.
 
 Under DDP (``strategy="ddp_find_unused_parameters_true"``) the strategy's wrapper, built over the dense parameters,
-is kept; :class:`~oialr.integrations._grad_sync.SigmaGradSync` averages ``Σ``'s gradients and the controller
-broadcasts process 0's SVDs, as under the Hugging Face Trainer.
+is kept; :class:`~oialr.integrations._grad_sync.FactorGradSync` averages the trained factors' gradients and the
+controller broadcasts process 0's SVDs, as under the Hugging Face Trainer.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ except ImportError as error:
 from .. import distributed
 from ..config import OIALRConfig
 from ..controller import OIALR
-from ._grad_sync import SigmaGradSync
+from ._grad_sync import FactorGradSync
 from ._resume import FactoredWeightCatcher, unwrap_optimizer
 
 
@@ -59,7 +59,7 @@ class OIALRCallback(Callback):
         self.controller: OIALR | None = None
         self._catcher: FactoredWeightCatcher | None = None
         self._saved: dict[str, Any] | None = None
-        self._grad_sync: SigmaGradSync | None = None
+        self._grad_sync: FactorGradSync | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
@@ -84,7 +84,7 @@ class OIALRCallback(Callback):
             self._saved = None
         self._catcher.restore(self.controller)
         self._catcher = None
-        self._grad_sync = SigmaGradSync(self.controller) if distributed.is_distributed() else None
+        self._grad_sync = FactorGradSync(self.controller) if distributed.is_distributed() else None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         while self.controller.step_count < trainer.global_step:

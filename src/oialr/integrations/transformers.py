@@ -16,10 +16,10 @@ bit-for-bit.
 
 Under ``torchrun`` the Trainer's DistributedDataParallel wrapper, built by accelerate over the dense parameters, is
 kept: it goes on reducing the gradients of every parameter it knows (embeddings, norms, the dense layers), while
-:class:`~oialr.integrations._grad_sync.SigmaGradSync` averages each ``Σ``'s gradient itself, and the controller
-computes the SVDs on process 0 and broadcasts them. The dense weights the wrapper was built over stay in its memory
-and are reduced as zeros (no communication saving). ``load_best_model_at_end`` is refused (the best checkpoint may
-hold other ranks than the final model).
+:class:`~oialr.integrations._grad_sync.FactorGradSync` averages each trained factor's gradient itself, and the
+controller computes the SVDs on process 0 and broadcasts them. The dense weights the wrapper was built over stay in
+its memory and are reduced as zeros (no communication saving). ``load_best_model_at_end`` is refused (the best
+checkpoint may hold other ranks than the final model).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from ..config import OIALRConfig
 from ..controller import OIALR
 from ..files import save_torch
 from . import hf_conv1d
-from ._grad_sync import SigmaGradSync
+from ._grad_sync import FactorGradSync
 from ._resume import FactoredWeightCatcher, unwrap_optimizer
 
 hf_conv1d.register()        # GPT-2's transformers.pytorch_utils.Conv1D is a layer type OIALR converts
@@ -71,7 +71,7 @@ class OIALRCallback(TrainerCallback):
             raise TypeError(f"config must be an oialr.OIALRConfig, got {type(self.config).__name__}")
         self.controller: OIALR | None = None
         self._catcher: FactoredWeightCatcher | None = None
-        self._grad_sync: SigmaGradSync | None = None
+        self._grad_sync: FactorGradSync | None = None
 
     def on_init_end(self, args, state, control, model=None, **kwargs):
         _check_distributed(args, model)
@@ -115,7 +115,7 @@ class OIALRCallback(TrainerCallback):
         self._start_grad_sync()
 
     def _start_grad_sync(self) -> None:
-        self._grad_sync = SigmaGradSync(self.controller) if distributed.is_distributed() else None
+        self._grad_sync = FactorGradSync(self.controller) if distributed.is_distributed() else None
 
     def on_step_end(self, args, state, control, **kwargs):
         self.controller.step()

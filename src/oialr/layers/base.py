@@ -64,9 +64,9 @@ class LowRankLayer(nn.Module):
     """Holds the factors of one weight matrix ``W (m×n) = U Σ Vᵀ``.
 
     ``lowrank_U (m×r)`` and ``lowrank_V (n×r)`` are frozen Parameters (``requires_grad=False``: no gradient, no
-    optimizer state); ``lowrank_S`` is ``Σ (r×r)``, a full square trainable matrix. Subclasses hold the rest of the
-    original layer (its bias Parameter object, strides, ...) and implement ``forward``, ``to_dense`` and
-    ``_two_layers``.
+    optimizer state; the controller lets them train with ``OIALRConfig(train_bases=True)``); ``lowrank_S`` is
+    ``Σ (r×r)``, a full square trainable matrix. Subclasses hold the rest of the original layer (its bias Parameter
+    object, strides, ...) and implement ``forward``, ``to_dense`` and ``_two_layers``.
     """
 
     def __init__(self, U: Tensor, S: Tensor, V: Tensor) -> None:
@@ -109,7 +109,8 @@ class LowRankLayer(nn.Module):
     def set_factors(self, U: Tensor, S: Tensor, V: Tensor) -> bool:
         """Replace the factors; return whether the Parameter objects were replaced. Same rank: copied in place
         (Parameters kept, False). New rank: new Parameters in the old ones' dtype and device (True; the caller
-        moves ``Σ``'s optimizer entry to the new ``lowrank_S`` and rebuilds any wrapper holding the old ones)."""
+        moves ``Σ``'s optimizer entry to the new ``lowrank_S`` and rebuilds any wrapper holding the old ones). New
+        ``U``, ``V`` train if the old ones did (``OIALRConfig(train_bases=True)``)."""
         self._check_factors(U, S, V)
         if U.shape[0] != self.lowrank_U.shape[0] or V.shape[0] != self.lowrank_V.shape[0]:
             raise ValueError(f"new factors have matrix shape {(U.shape[0], V.shape[0])}, "
@@ -119,10 +120,10 @@ class LowRankLayer(nn.Module):
             self.lowrank_S.copy_(S)
             self.lowrank_V.copy_(V)
             return False
-        ref = self.lowrank_S
-        self.lowrank_U = nn.Parameter(U.to(ref), requires_grad=False)
+        ref, bases_train = self.lowrank_S, self.lowrank_U.requires_grad
+        self.lowrank_U = nn.Parameter(U.to(ref), requires_grad=bases_train)
         self.lowrank_S = nn.Parameter(S.to(ref), requires_grad=ref.requires_grad)
-        self.lowrank_V = nn.Parameter(V.to(ref), requires_grad=False)
+        self.lowrank_V = nn.Parameter(V.to(ref), requires_grad=bases_train)
         return True
 
     def to_compact(self) -> nn.Module:
