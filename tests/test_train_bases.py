@@ -102,3 +102,13 @@ def test_every_forward_path_gives_the_bases_gradients(name, build, shape, n_out,
 def test_train_bases_config_is_validated():
     with pytest.raises(ValueError, match="train_bases must be True or False, got 'yes'"):
         OIALRConfig(train_bases="yes")
+
+
+def test_summary_counts_the_trained_bases_as_trainable():
+    model = mlp()
+    ctl = OIALR(model, torch.optim.AdamW(model.parameters()), OIALRConfig(warmup_steps=0, cutoff=0.0,
+                                                                          rank_fraction=0.5, train_bases=True))
+    summary = ctl.summary()
+    for layer in summary["layers"].values():
+        assert layer["trainable_params"] == layer["stored_params"] > layer["rank"] ** 2
+    assert summary["trainable_params"] == sum(p.numel() for p in model.parameters() if p.requires_grad)

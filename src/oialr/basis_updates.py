@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from . import budget, distributed, growth, optim_state
 from .config import OIALRConfig
-from .factorize import BasisUpdate, Factors, cut_rank, rotation, truncate
+from .factorize import BasisUpdate, Factors, cut_rank, placeholder_factors, rotation, truncate
 from .layers import LowRankLayer
 from .targets import as_matrix, layer_weight
 
@@ -70,6 +70,18 @@ def apply_factors(layer: LowRankLayer, optimizer, new: BasisUpdate | Factors, tr
             optim_state.pad(optimizer, old[i], now[i])
         elif now[i] is not old[i]:
             optim_state.swap_param(optimizer, old[i], now[i])
+    return replaced
+
+
+def restore_ranks(layers: dict[str, LowRankLayer], optimizer, ranks: dict[str, int], train_bases: bool) -> bool:
+    """Give every layer whose rank differs from the saved ``ranks`` placeholder factors of that rank
+    (:func:`oialr.factorize.placeholder_factors`: a restore, whose values and optimizer state are loaded next).
+    Returns whether Parameter objects were replaced."""
+    replaced = False
+    for name, layer in layers.items():
+        if layer.rank != ranks[name]:
+            new = placeholder_factors(*layer.matrix_shape, ranks[name], like=layer.lowrank_S)
+            replaced |= apply_factors(layer, optimizer, new, train_bases)
     return replaced
 
 

@@ -146,6 +146,9 @@ class OIALRConfig:
         """``warmup_steps`` in steps for a run of ``total_steps`` optimizer steps: a fraction becomes
         ``max(1, round(fraction · total_steps))`` (``ValueError`` without ``total_steps``); an integer or ``"auto"``
         is returned as is."""
+        if total_steps is not None and not (is_int(total_steps) and total_steps >= 1):
+            raise ValueError(f"total_steps must be an integer >= 1 (the run's optimizer steps) or None, got "
+                             f"{total_steps!r}")
         if not isinstance(self.warmup_steps, float):
             return self.warmup_steps
         if total_steps is None:

@@ -7,14 +7,15 @@ import torch
 from torch import nn
 
 from . import basis_updates, budget, distributed, growth, health, optim_state
-from ._checks import check_same_settings, check_state_version, is_int, warn
+from ._checks import check_same_settings, check_state_version
 from .auto_transition import PlateauRule
 from .config import OIALRConfig
 from .convert import convert_layer
-from .factorize import placeholder_factors, stored_params, transition_factors
+from .factorize import placeholder_factors, transition_factors
 from .layers import LowRankLayer
 from .stability import StabilityTracker
-from .targets import LayerInfo, as_matrix, find_layers, format_table, layer_weight, no_target_message, trainable_params
+from .targets import (LayerInfo, as_matrix, find_layers, format_table, layer_sizes, layer_weight, no_target_message,
+                      trainable_params)
 from .warmup import WarmupEnd
 from .wrapper import Rewrapped
 
@@ -68,26 +69,15 @@ class OIALR:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: OIALRConfig | None = None, *,
                  wrap: Callable[[nn.Module], nn.Module] | None = None, tracker: StabilityTracker | None = None,
                  total_steps: int | None = None):
-        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            raise TypeError(f"model is a {type(model).__name__} wrapper, whose gradient sync would miss the Σ "
-                            "Parameters OIALR creates; pass the bare module and let the controller (re)build the "
-                            "wrapper: OIALR(ddp.module, optimizer, config, wrap=lambda m: DistributedDataParallel(m, "
-                            "...)), then train through ctl.wrapped_model")
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self._wrapper = Rewrapped(model, wrap)          # refuses a model that is itself a DDP wrapper
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model = model
         self.optimizer = optimizer
-        self._wrapper = Rewrapped(model, wrap)
         self.config = config if config is not None else OIALRConfig()
         if not isinstance(self.config, OIALRConfig):
             raise TypeError(f"config must be an OIALRConfig, got {type(self.config).__name__}")
-        if total_steps is not None and not (is_int(total_steps) and total_steps >= 1):
-            raise ValueError(f"total_steps must be an integer >= 1 (the run's optimizer steps) or None, got "
-                             f"{total_steps!r}")
         self.total_steps = total_steps
-        self.warmup_steps = self.config.warmup_for(total_steps)     # steps, or "auto"
         self.layer_infos: list[LayerInfo] = find_layers(model, self.config)
         self.targets = [info.name for info in self.layer_infos if info.convert]
         if not self.targets:
@@ -105,9 +95,8 @@ class OIALR:
         self.step_count = 0
         self.transition_step: int | None = None
         self.transition_reason: str | None = None
-        self._warned_optimizer = False
-        self.warmup = WarmupEnd(model, self.config, self.targets, tracker, steps=self.warmup_steps)
-        if self.warmup_steps == 0:
+        self.warmup = WarmupEnd(model, self.config, self.targets, tracker, total_steps)
+        if self.warmup.steps == 0:
             self.transition("warmup_steps=0: converted when the controller was built")
             self._record_before_update()
 
@@ -146,10 +135,6 @@ class OIALR:
                 reason = self.warmup.reason(self.step_count, self.targets)
                 if reason:
                     self.transition(reason)
-                elif self.step_count == self.total_steps:
-                    warn(f"OIALR: the run ends (step {self.step_count} of total_steps={self.total_steps}) still in "
-                         f"the full-rank warm-up (warmup_steps={self.config.warmup_steps!r}): no layer was converted; "
-                         "give a smaller warmup_steps, e.g. a fraction of the run such as 0.2")
             elif (self.step_count - self.transition_step) % self.config.update_every == 0:
                 self.update_bases()
         except health.DegenerateStateError:
@@ -179,9 +164,8 @@ class OIALR:
         fresh transition first checks every weight (:func:`oialr.health.check_layers`: finite, not all zero) and
         raises :class:`oialr.DegenerateStateError` before changing any."""
         if ranks is None:
-            health.check_layers({name: {"W": layer_weight(self.model, name)[1]} for name in self.targets},
-                                step=self.step_count, event="transition")
-        self._warn_unknown_optimizer()
+            health.check_weights(self.model, self.targets, self.step_count)
+        optim_state.warn_if_unknown(self.optimizer)
         chosen = basis_updates.transition_ranks(self.model, self.targets, self.config) if ranks is None else None
         for name in self.targets:
             module, weight = layer_weight(self.model, name)
@@ -214,40 +198,21 @@ class OIALR:
         ``Σ``, ``V`` are checked first (finite, none all zero): :class:`oialr.DegenerateStateError`, and no layer
         changed, otherwise."""
         layers = self.lowrank_layers()
-        health.check_layers({name: {"U": layer.lowrank_U, "Σ": layer.lowrank_S, "V": layer.lowrank_V}
-                             for name, layer in layers.items()},
-                            step=self.step_count, event="basis update")
-        self._warn_unknown_optimizer()
+        health.check_factors(layers, self.step_count)
+        optim_state.warn_if_unknown(self.optimizer)
         grads = self._recorder.stop() if self._recorder is not None else {}
         replaced, self.cut_ranks = basis_updates.update_all(layers, self.optimizer, self.config,
                                                             grads if grow and self._recorder is not None else None)
         if replaced:
             self._wrapper.invalidate()
 
-    def _warn_unknown_optimizer(self) -> None:
-        if optim_state.optimizer_kind(self.optimizer) is None and not self._warned_optimizer:
-            self._warned_optimizer = True
-            warn(f"OIALR does not know how to carry {type(self.optimizer).__name__} state across basis changes; Σ "
-                 "gets fresh optimizer state at the transition and at every basis update (known: Adam, AdamW, SGD)")
-
     # ------------------------------------------------------------------ reporting
     def summary(self) -> dict[str, Any]:
         """Phase, step, parameter counts and, per layer, rank and sizes (plain values). ``dense_share``: the share
         of the stored parameters outside the weight matrices OIALR converts (their ``U``, ``Σ``, ``V`` after the
         transition): biases, norms, embeddings and the layers kept dense."""
-        layers = {}
-        lowrank = self.lowrank_layers()
-        for info in self.layer_infos:
-            if not info.convert:
-                continue
-            m, n = info.shape
-            factored = info.name in lowrank
-            r = lowrank[info.name].rank if factored else min(m, n)
-            layers[info.name] = {
-                "rank": r, "full_rank": min(m, n), "shape": [m, n], "dense_params": m * n,
-                "trainable_params": r * r if factored else m * n,
-                "stored_params": stored_params(m, n, r) if factored else m * n,
-            }
+        ranks = {name: layer.rank for name, layer in self.lowrank_layers().items()}
+        layers = layer_sizes(self.layer_infos, ranks, self.config.train_bases)
         stored = sum(p.numel() for p in self.model.parameters())
         converted = sum(layer["stored_params"] for layer in layers.values())
         return {
@@ -260,7 +225,7 @@ class OIALR:
             "stored_params": stored,
             "dense_share": 1 - converted / stored if stored else 0.0,
             **budget.stored_fractions([i.shape for i in self.layer_infos if i.convert], self.config.stored_budget,
-                                      [layer.rank for layer in self.lowrank_layers().values()],
+                                      list(ranks.values()),
                                       [self.cut_ranks[name] for name in self.targets] if self.cut_ranks else []),
             "layers": layers,
         }
@@ -308,12 +273,9 @@ class OIALR:
             self._recorder.stop()
         if state["transition_step"] is not None and self.transition_step is None:
             self.transition(state["transition_reason"], ranks)
-        elif state["transition_step"] is not None:
-            for name, layer in self.lowrank_layers().items():
-                if layer.rank != ranks[name]:           # placeholder values of the saved rank
-                    new = placeholder_factors(*layer.matrix_shape, ranks[name], like=layer.lowrank_S)
-                    if basis_updates.apply_factors(layer, self.optimizer, new, self.config.train_bases):
-                        self._wrapper.invalidate()
+        elif state["transition_step"] is not None and basis_updates.restore_ranks(
+                self.lowrank_layers(), self.optimizer, ranks, self.config.train_bases):
+            self._wrapper.invalidate()
         self.step_count = state["step"]
         self.transition_step = state["transition_step"]
         self.transition_reason = state["transition_reason"]

@@ -4,9 +4,11 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import distributed
+from .layers import LowRankLayer
+from .targets import layer_weight
 
 
 class DegenerateStateError(ValueError):
@@ -44,6 +46,17 @@ def check_layers(layers: Mapping[str, Mapping[str, Tensor]], *, step: int, event
     found = distributed.broadcast_object(problems(layers) if distributed.is_source() else None)
     if found:
         raise DegenerateStateError(_message(list(found.values()), step, event), list(found), step)
+
+
+def check_weights(model: nn.Module, targets: list[str], step: int) -> None:
+    """:func:`check_layers` on the dense weights of the layers ``targets``, before the transition."""
+    check_layers({name: {"W": layer_weight(model, name)[1]} for name in targets}, step=step, event="transition")
+
+
+def check_factors(layers: Mapping[str, LowRankLayer], step: int) -> None:
+    """:func:`check_layers` on every factored layer's ``U``, ``Σ``, ``V``, before a basis update."""
+    check_layers({name: {"U": layer.lowrank_U, "Σ": layer.lowrank_S, "V": layer.lowrank_V}
+                  for name, layer in layers.items()}, step=step, event="basis update")
 
 
 def _message(problems: Sequence[str], step: int, event: str) -> str:

@@ -23,12 +23,14 @@ Basis update (``Σ = u diag(s) vᵀ``; new coordinates ``Σ' = uᵀ Σ v``, grad
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from . import linalg
+from ._checks import warn
 
 
 def optimizer_kind(optimizer: torch.optim.Optimizer) -> str | None:
@@ -38,6 +40,17 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> str | None:
     if isinstance(optimizer, torch.optim.SGD):
         return "sgd"
     return None
+
+
+_WARNED: weakref.WeakSet = weakref.WeakSet()       # optimizers already warned about by warn_if_unknown
+
+
+def warn_if_unknown(optimizer: torch.optim.Optimizer) -> None:
+    """Warn, once per optimizer, when this module cannot carry its state across basis changes."""
+    if optimizer_kind(optimizer) is None and optimizer not in _WARNED:
+        _WARNED.add(optimizer)
+        warn(f"OIALR does not know how to carry {type(optimizer).__name__} state across basis changes; Σ gets fresh "
+             "optimizer state at the transition and at every basis update (known: Adam, AdamW, SGD)")
 
 
 def find_group(optimizer: torch.optim.Optimizer, param: Tensor) -> dict | None:

@@ -210,6 +210,22 @@ def trainable_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def layer_sizes(layers: list[LayerInfo], ranks: dict[str, int], train_bases: bool = False) -> dict[str, dict]:
+    """Per layer to convert: rank (``ranks`` for the factored ones, else full), full rank, shape ``[m, n]`` and the
+    parameters it holds dense (``m·n``), stores (``r·(m + n + r)`` factored) and trains (``r²``, or all it stores with
+    ``train_bases``), as plain values."""
+    sizes = {}
+    for info in layers:
+        if not info.convert:
+            continue
+        (m, n), r = info.shape, ranks.get(info.name)
+        stored = m * n if r is None else stored_params(m, n, r)
+        sizes[info.name] = {"rank": min(m, n) if r is None else r, "full_rank": min(m, n), "shape": [m, n],
+                            "dense_params": m * n, "stored_params": stored,
+                            "trainable_params": stored if r is None or train_bases else r * r}
+    return sizes
+
+
 def format_table(layers: list[LayerInfo], ranks: dict[str, int] | None = None) -> str:
     """A plain-text table: name, kind, matrix shape, rank / full rank, parameters dense -> stored, note."""
     ranks = ranks or {}

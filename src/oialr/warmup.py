@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from . import distributed
+from ._checks import warn
 from .auto_transition import PlateauRule
 from .config import OIALRConfig
 from .stability import StabilityTracker, network_stability
@@ -15,17 +16,17 @@ from .stability import StabilityTracker, network_stability
 class WarmupEnd:
     """Decides, step by step, whether the full-rank phase is over.
 
-    Fixed warm-up: over at step ``T₀ = steps`` (``config.warmup_steps``, or that fraction of the run resolved by
-    :meth:`oialr.OIALRConfig.warmup_for`). ``"auto"``: at every ``config.auto.every``-th step the
+    Fixed warm-up: over at step ``T₀ = steps`` (``config.warmup_steps``, or that fraction of a run of
+    ``total_steps``: :meth:`oialr.OIALRConfig.warmup_for`). ``"auto"``: at every ``config.auto.every``-th step the
     network stability of the layers to convert (``targets``) is sampled, by ``tracker`` (one the caller already
     steps for the whole run, sampling at ``config.auto``'s ``every`` and ``lag``) or by one built here, and fed to a
     :class:`oialr.PlateauRule`; process 0 decides and every process ends the warm-up at the same step.
     """
 
     def __init__(self, model: nn.Module, config: OIALRConfig, targets: list[str],
-                 tracker: StabilityTracker | None = None, steps: int | str | None = None):
-        self.config = config
-        self.steps = config.warmup_steps if steps is None else steps
+                 tracker: StabilityTracker | None = None, total_steps: int | None = None):
+        self.config, self.total_steps = config, total_steps
+        self.steps = config.warmup_for(total_steps)         # steps, or "auto"
         self.tracker: StabilityTracker | None = None
         self.rule: PlateauRule | None = None
         self._own_tracker = tracker is None
@@ -47,7 +48,16 @@ class WarmupEnd:
         self.tracker = tracker
 
     def reason(self, step: int, targets: list[str]) -> str | None:
-        """Why the full-rank phase ends at optimizer step ``step`` (called once per step, in order), or None."""
+        """Why the full-rank phase ends at optimizer step ``step`` (called once per step, in order), or None; at
+        step ``total_steps`` (when known) still in the warm-up, one warning."""
+        why = self._reason(step, targets)
+        if why is None and step == self.total_steps:
+            warn(f"OIALR: the run ends (step {step} of total_steps={self.total_steps}) still in the full-rank warm-up "
+                 f"(warmup_steps={self.config.warmup_steps!r}): no layer was converted; give a smaller warmup_steps, "
+                 "e.g. a fraction of the run such as 0.2")
+        return why
+
+    def _reason(self, step: int, targets: list[str]) -> str | None:
         if self.rule is None:
             return f"warmup_steps={self.steps} reached" if step >= self.steps else None
         if self._own_tracker:

@@ -16,6 +16,13 @@ class Rewrapped:
     """
 
     def __init__(self, model: nn.Module, wrap: Callable[[nn.Module], nn.Module] | None):
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            raise TypeError(f"model is a {type(model).__name__} wrapper, whose gradient sync would miss the Σ "
+                            "Parameters OIALR creates; pass the bare module and let the controller (re)build the "
+                            "wrapper: OIALR(ddp.module, optimizer, config, wrap=lambda m: DistributedDataParallel(m, "
+                            "...)), then train through ctl.wrapped_model")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if wrap is not None and not callable(wrap):
             raise TypeError(f"wrap must be a callable module -> wrapped module (or None), got {type(wrap).__name__}")
         self.model, self.wrap = model, wrap
