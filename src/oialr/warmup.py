@@ -9,7 +9,8 @@ from torch import nn
 from . import distributed
 from .auto_transition import PlateauRule
 from .config import OIALRConfig
-from .stability import StabilityTracker, network_stability
+from .stability import StabilityTracker
+from .stability_metrics import network_stability
 
 
 class WarmupEnd:
