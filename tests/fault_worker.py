@@ -10,6 +10,7 @@ import sys
 
 from oialr import files
 from oialr.cli import run as cli_run
+from oialr.cli.checkpoint import CHECKPOINT
 from oialr.cli.main import main
 
 
@@ -29,9 +30,9 @@ def kill_in_checkpoint_write(nth: int) -> None:
     writes = []
 
     def atomic_write(path, write):
-        if os.path.basename(path) == cli_run.CHECKPOINT:
+        if os.path.basename(path) == CHECKPOINT:
             writes.append(path)
-        if len(writes) != nth or os.path.basename(path) != cli_run.CHECKPOINT:
+        if len(writes) != nth or os.path.basename(path) != CHECKPOINT:
             return real(path, write)
 
         def half(f):

@@ -8,7 +8,8 @@ import torch
 
 from interrupt import interrupt_after
 from oialr import from_pretrained
-from oialr.cli import run as cli_run
+from oialr.cli.interrupts import Interrupted
+from oialr.cli.start import start_or_resume
 from oialr.cli import text_data
 from oialr.cli.data import DataError
 from oialr.cli.main import main
@@ -146,14 +147,14 @@ def test_text_run_resumes_exactly(method, corpus, tmp_path, monkeypatch):
     if method == "galore":
         pytest.importorskip("galore_torch")
     cfg = tiny(corpus, method=method, epochs=1)
-    straight = cli_run.start_or_resume(cfg, str(tmp_path / "a"), False, log=lambda *a: None)
+    straight = start_or_resume(cfg, str(tmp_path / "a"), False, log=lambda *a: None)
     straight.train()
     with monkeypatch.context() as m:
         interrupt_after(m, 13)
-        run = cli_run.start_or_resume(cfg, str(tmp_path / "b"), False, log=lambda *a: None)
-        with pytest.raises(cli_run.Interrupted, match="at step 13"):
+        run = start_or_resume(cfg, str(tmp_path / "b"), False, log=lambda *a: None)
+        with pytest.raises(Interrupted, match="at step 13"):
             run.train()
-    resumed = cli_run.start_or_resume(None, str(tmp_path / "b"), True, log=lambda *a: None)
+    resumed = start_or_resume(None, str(tmp_path / "b"), True, log=lambda *a: None)
     resumed.train()
     for key in ("train_loss", "val_loss"):
         assert [r[key] for r in resumed.metrics] == pytest.approx([r[key] for r in straight.metrics], abs=1e-12)

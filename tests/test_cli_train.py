@@ -12,7 +12,8 @@ import torch
 from interrupt import interrupt_after
 from oialr import PlateauRule, from_pretrained
 from oialr.cli.models import build_model
-from oialr.cli import run as cli_run
+from oialr.cli.interrupts import Interrupted
+from oialr.cli.start import start_or_resume
 from oialr.cli.settings import ConfigError, build_config
 from oialr.cli.main import main
 
@@ -45,7 +46,7 @@ def tiny(data_dir, **extra):
 
 def test_run_writes_results_and_files(data_dir, tmp_path):
     out = str(tmp_path / "run")
-    run = cli_run.start_or_resume(tiny(data_dir), out, resume=False, log=lambda *a: None)
+    run = start_or_resume(tiny(data_dir), out, resume=False, log=lambda *a: None)
     results = run.train()
     for name in ("results.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "model/model.safetensors",
                  "model/oialr_config.json", "compact/model.safetensors", "compact/oialr_config.json", "curves.png",
@@ -72,13 +73,16 @@ def test_run_writes_results_and_files(data_dir, tmp_path):
     assert saved["trainable_params"] < saved["dense_params"]
     assert saved["transition_step"] == 20
     assert set(saved["layers"]) == {"1", "3"} and saved["config"]["oialr"]["cutoff"] == 0.2
+    assert saved["stored_budget"] is None and saved["stored_fraction"] == saved["cut_stored_fraction"] == sum(
+        layer["stored_params"] for layer in saved["layers"].values()) / sum(
+        layer["dense_params"] for layer in saved["layers"].values())
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     assert rows[0]["phase"] == "full-rank" and rows[-1]["phase"] == "low-rank"
 
 
 def test_full_rank_method_has_no_controller(data_dir, tmp_path):
-    run = cli_run.start_or_resume(tiny(data_dir, method="full-rank", epochs=1), str(tmp_path / "fr"), False,
+    run = start_or_resume(tiny(data_dir, method="full-rank", epochs=1), str(tmp_path / "fr"), False,
                                  log=lambda *a: None)
     results = run.train()
     assert run.controller is None and results["trainable_params"] == results["dense_params"]
@@ -98,7 +102,7 @@ def test_compile_trains_like_eager(data_dir, tmp_path, monkeypatch):
     torch._dynamo.reset()
     runs = {}
     for flag in (False, True):
-        run = cli_run.start_or_resume(tiny(data_dir, compile=flag, epochs=2), str(tmp_path / str(flag)), False,
+        run = start_or_resume(tiny(data_dir, compile=flag, epochs=2), str(tmp_path / str(flag)), False,
                                      log=lambda *a: None)
         runs[flag] = (run.train(), run.metrics)
     (eager, eager_rows), (comp, comp_rows) = runs[False], runs[True]
@@ -110,14 +114,14 @@ def test_compile_trains_like_eager(data_dir, tmp_path, monkeypatch):
 
 def test_interrupt_then_resume_is_exact(data_dir, tmp_path, monkeypatch):
     cfg = tiny(data_dir)
-    straight = cli_run.start_or_resume(cfg, str(tmp_path / "a"), False, log=lambda *a: None)
+    straight = start_or_resume(cfg, str(tmp_path / "a"), False, log=lambda *a: None)
     expected = straight.train()
     with monkeypatch.context() as m:
         interrupt_after(m, 26)                     # mid-epoch 2, after the transition and a rank update
-        run = cli_run.start_or_resume(cfg, str(tmp_path / "b"), False, log=lambda *a: None)
-        with pytest.raises(cli_run.Interrupted, match="at step 26"):
+        run = start_or_resume(cfg, str(tmp_path / "b"), False, log=lambda *a: None)
+        with pytest.raises(Interrupted, match="at step 26"):
             run.train()
-    resumed = cli_run.start_or_resume(None, str(tmp_path / "b"), True, log=lambda *a: None)
+    resumed = start_or_resume(None, str(tmp_path / "b"), True, log=lambda *a: None)
     assert resumed.step == 26 and resumed.batch_in_epoch == 11
     got = resumed.train()
     assert got["top1"] == expected["top1"] and got["layers"] == expected["layers"]
@@ -134,22 +138,22 @@ def test_warmup_longer_than_the_run_is_refused_or_given_as_a_fraction(data_dir, 
     with pytest.raises(ConfigError, match=r"^oialr.warmup_steps=20 is not reached before the run ends: 1 epochs x 15 "
                                           r"steps = 15 optimizer steps, so OIALR would train full-rank throughout; "
                                           r"give fewer steps, a fraction of the run \(--set oialr.warmup_steps=0.2\)"):
-        cli_run.start_or_resume(tiny(data_dir, epochs=1), str(tmp_path / "long"), False, log=lambda *a: None)
+        start_or_resume(tiny(data_dir, epochs=1), str(tmp_path / "long"), False, log=lambda *a: None)
     assert not os.path.exists(tmp_path / "long" / "checkpoint.pt")
     cfg = build_config(tiny(data_dir, epochs=1).to_dict(), ["oialr.warmup_steps=0.2"])
-    results = cli_run.start_or_resume(cfg, str(tmp_path / "fraction"), False, log=lambda *a: None).train()
+    results = start_or_resume(cfg, str(tmp_path / "fraction"), False, log=lambda *a: None).train()
     assert results["transition_step"] == 3 and results["transition_reason"] == "warmup_steps=3 reached"   # 0.2 · 15
 
 
 def test_resume_refuses_other_settings_and_fresh_run_refuses_existing(data_dir, tmp_path):
     out = str(tmp_path / "c")
-    cli_run.start_or_resume(tiny(data_dir, epochs=1, oialr=HALF), out, False, log=lambda *a: None).train()
+    start_or_resume(tiny(data_dir, epochs=1, oialr=HALF), out, False, log=lambda *a: None).train()
     with pytest.raises(ConfigError, match="already holds a run"):
-        cli_run.start_or_resume(tiny(data_dir, epochs=1, oialr=HALF), out, False)
+        start_or_resume(tiny(data_dir, epochs=1, oialr=HALF), out, False)
     with pytest.raises(ConfigError, match="epochs: saved 1, given 2"):
-        cli_run.start_or_resume(tiny(data_dir, epochs=2, oialr=HALF), out, True)
+        start_or_resume(tiny(data_dir, epochs=2, oialr=HALF), out, True)
     with pytest.raises(ConfigError, match="nothing to resume"):
-        cli_run.start_or_resume(None, str(tmp_path / "none"), True)
+        start_or_resume(None, str(tmp_path / "none"), True)
 
 
 def test_missing_dataset_is_one_line_without_traceback(tmp_path, capsys):
@@ -167,7 +171,7 @@ def test_bad_settings_exit_2(tmp_path, capsys):
 
 def test_compare_table(data_dir, tmp_path, capsys):
     out = str(tmp_path / "cmp")
-    cli_run.start_or_resume(tiny(data_dir, epochs=1, oialr=HALF), out, False, log=lambda *a: None).train()
+    start_or_resume(tiny(data_dir, epochs=1, oialr=HALF), out, False, log=lambda *a: None).train()
     assert main(["compare", out, out]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("| run | method | model | top1") and len(lines) == 4
@@ -212,7 +216,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(data_dir, tmp_path):
 
 def test_stability_series_and_report(data_dir, tmp_path, capsys):
     out = str(tmp_path / "stab")
-    run = cli_run.start_or_resume(tiny(data_dir, stability_every=5, stability_lag=2), out, False, log=lambda *a: None)
+    run = start_or_resume(tiny(data_dir, stability_every=5, stability_lag=2), out, False, log=lambda *a: None)
     results = run.train()
     assert 0 < results["stability_overhead"] < 1
     records = [json.loads(line) for line in open(os.path.join(out, "stability.jsonl"))]
@@ -291,7 +295,7 @@ def test_text_tables_give_the_factored_layers_stored_fraction(tmp_path):
 def test_automatic_transition_reads_the_runs_stability_series(data_dir, tmp_path):
     auto = {"warmup_steps": "auto", "update_every": 7, "cutoff": 0.2,
             "auto": {"every": 5, "min_steps": 5, "max_steps": 10}}
-    run = cli_run.start_or_resume(tiny(data_dir, epochs=1, stability_every=5, oialr=auto), str(tmp_path / "a"),
+    run = start_or_resume(tiny(data_dir, epochs=1, stability_every=5, oialr=auto), str(tmp_path / "a"),
                                   False, log=lambda *a: None)
     assert run.controller.tracker is run.tracker                   # one tracker measures the layers, not two
     run.train()

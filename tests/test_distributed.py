@@ -15,7 +15,8 @@ from torch import nn
 
 from models import batches, mlp
 from oialr import OIALR, LowRankLayer, OIALRConfig, distributed
-from oialr.cli import run as cli_run
+from oialr.cli.interrupts import Interrupted
+from oialr.cli.start import start_or_resume
 from oialr.cli.settings import ConfigError, build_config
 from oialr.layers.base import rebuild
 
@@ -54,7 +55,7 @@ def _spawn(fn, *args):
     """Run ``fn(rank, 2, *args)`` in 2 processes forked from a server that imported torch and this module once
     (4 fresh interpreters would spend most of these tests importing torch)."""
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "oialr.cli.run", __name__])
+    context.set_forkserver_preload(["torch", "oialr.cli.start", __name__])
     mp.start_processes(fn, args=(2, *args), nprocs=2, start_method="forkserver")
 
 
@@ -256,9 +257,9 @@ def _recipe_worker(rank, world, init_file, data_dir, out):
     flag, step 30, the last batch of epoch 2); its resumption."""
     _init(rank, world, init_file)
     quiet = lambda *args, **kwargs: None
-    straight = cli_run.start_or_resume(tiny(data_dir), os.path.join(out, "straight"), False, log=quiet)
+    straight = start_or_resume(tiny(data_dir), os.path.join(out, "straight"), False, log=quiet)
     expected = straight.train()
-    run = cli_run.start_or_resume(tiny(data_dir), os.path.join(out, "stopped"), False, log=quiet)
+    run = start_or_resume(tiny(data_dir), os.path.join(out, "stopped"), False, log=quiet)
     real_step = run._train_step
 
     def step(x, y):
@@ -267,9 +268,9 @@ def _recipe_worker(rank, world, init_file, data_dir, out):
             run._stop_signal = signal.SIGTERM
 
     run._train_step = step
-    with pytest.raises(cli_run.Interrupted) as stopped:
+    with pytest.raises(Interrupted) as stopped:
         run.train()
-    resumed = cli_run.start_or_resume(None, os.path.join(out, "stopped"), True, log=quiet)
+    resumed = start_or_resume(None, os.path.join(out, "stopped"), True, log=quiet)
     at = (resumed.step, resumed.batch_in_epoch)
     got = resumed.train()
     torch.save({"expected": expected, "got": got, "stopped": str(stopped.value), "at": at,
@@ -295,7 +296,7 @@ def test_global_batch_must_divide_over_the_processes(data_dir, tmp_path, monkeyp
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     with pytest.raises(ConfigError, match="batch_size 256 is the global batch and must be divisible by the 3 "
                                           "processes; choose a multiple of 3, e.g. 255"):
-        cli_run.start_or_resume(tiny(data_dir), str(tmp_path / "r"), False)
+        start_or_resume(tiny(data_dir), str(tmp_path / "r"), False)
 
 
 def test_cli_under_torchrun(data_dir, tmp_path):

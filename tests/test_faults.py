@@ -16,6 +16,8 @@ import torch.multiprocessing as mp
 
 from oialr import OIALR, DegenerateStateError, OIALRConfig, files
 from oialr.cli import run as cli_run
+from oialr.cli.interrupts import Interrupted
+from oialr.cli.start import start_or_resume
 from oialr.cli import run_folder
 from oialr.cli.main import main
 from oialr.cli.settings import ConfigError, build_config
@@ -256,9 +258,9 @@ def _ddp_worker(rank, world, init_file, data_dir, out):
     cfg = build_config({"dataset": "mnist1d", "data_dir": data_dir, "model": "mlp", "model_args": {"width": 16},
                         "epochs": 3, "batch_size": 256, "threads": 1, "oialr": {"warmup_steps": 20, "update_every": 7}})
     quiet = lambda *a, **k: None                                                           # noqa: E731
-    straight = cli_run.start_or_resume(cfg, os.path.join(out, "straight"), False, log=quiet)
+    straight = start_or_resume(cfg, os.path.join(out, "straight"), False, log=quiet)
     straight.train()
-    run = cli_run.start_or_resume(cfg, os.path.join(out, "stopped"), False, log=quiet)
+    run = start_or_resume(cfg, os.path.join(out, "stopped"), False, log=quiet)
     real = run._train_step
 
     def step(x, y):
@@ -269,9 +271,9 @@ def _ddp_worker(rank, world, init_file, data_dir, out):
     run._train_step = step
     try:
         run.train()
-    except cli_run.Interrupted:
+    except Interrupted:
         pass
-    resumed = cli_run.start_or_resume(None, os.path.join(out, "stopped"), True, log=quiet)
+    resumed = start_or_resume(None, os.path.join(out, "stopped"), True, log=quiet)
     at = (resumed.step, resumed.batch_in_epoch)
     resumed.train()
     degenerate = []                                     # process 0's verdict decides: all raise, or none
@@ -296,7 +298,7 @@ def _ddp_worker(rank, world, init_file, data_dir, out):
 
 def test_sigterm_mid_epoch_under_ddp_resumes_every_metric_bit_exact(data_dir, tmp_path):
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "oialr.cli.run"])
+    context.set_forkserver_preload(["torch", "oialr.cli.start"])
     mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), data_dir, str(tmp_path)), nprocs=2,
                        start_method="forkserver")
     for rank in (0, 1):

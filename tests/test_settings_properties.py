@@ -8,7 +8,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from oialr import OIALRConfig  # noqa: E402
-from oialr.cli import run as cli_run  # noqa: E402
+from oialr.cli import start as cli_start  # noqa: E402
 from oialr.cli.main import main  # noqa: E402
 from oialr.cli.models import MODEL_NAMES, option_problems  # noqa: E402
 from oialr.cli.settings import ConfigError, TrainConfig, build_config, flat_settings  # noqa: E402
@@ -96,8 +96,8 @@ def test_the_train_command_starts_or_exits_2_without_a_traceback(options):
     def started(*args, **kwargs):
         raise Started
 
-    real = cli_run.start_or_resume
-    cli_run.start_or_resume = started
+    real = cli_start.start_or_resume
+    cli_start.start_or_resume = started
     try:
         code = main(argv)
     except Started:
@@ -105,5 +105,5 @@ def test_the_train_command_starts_or_exits_2_without_a_traceback(options):
     except SystemExit as exit:                          # argparse: a flag's value of the wrong type
         code = exit.code
     finally:
-        cli_run.start_or_resume = real
+        cli_start.start_or_resume = real
     assert code == 2

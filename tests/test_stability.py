@@ -12,7 +12,8 @@ from torch import nn
 import oialr
 from oialr import OIALR, OIALRConfig, linalg
 from oialr import PlateauRule
-from oialr.stability import StabilityTracker, basis_stability, layer_names, spectrum_stats, weight_matrix
+from oialr.stability import StabilityTracker, layer_names, weight_matrix
+from oialr.stability_metrics import basis_stability, spectrum_stats
 from models import CrossAttention, batches, transformer
 
 

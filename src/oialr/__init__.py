@@ -8,7 +8,8 @@ from .health import DegenerateStateError
 from .layer_types import LayerType, register_layer_type, registered_layer_types
 from .pretrained import from_pretrained, save_pretrained
 from .layers import LowRankConv, LowRankLayer, LowRankLinear, LowRankMultiheadAttention, force_path
-from .stability import StabilityTracker, basis_stability
+from .stability import StabilityTracker
+from .stability_metrics import basis_stability
 from .targets import find_layers, format_table
 
 __version__ = "0.1.0"

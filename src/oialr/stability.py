@@ -1,10 +1,8 @@
-"""Basis stability of weights: the metric and a tracker for any training loop."""
+"""StabilityTracker: the basis stability and spectrum of a model's weight matrices over training, for any training
+loop (the metrics: :mod:`oialr.stability_metrics`; the files: :mod:`oialr.stability_files`)."""
 from __future__ import annotations
 
 import copy
-import csv
-import io
-import json
 import math
 import os
 import time
@@ -14,58 +12,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import files, linalg
+from . import linalg, stability_files
 from ._checks import Errors, check_same_settings, check_state_version, is_int, is_real, warn
 from .layers import LowRankLayer
 from .layer_types import dense_type_of
+from .stability_metrics import network_stability, polar_alignment, spectrum_stats
 from .targets import as_matrix, layer_weight, weight_layers
 
-__all__ = ["basis_stability", "layer_names", "weight_matrix", "spectrum_stats", "network_stability",
-           "StabilityTracker"]
+__all__ = ["layer_names", "weight_matrix", "StabilityTracker"]
 
 STATE_VERSION = 2
-NETWORK_ROWS = ("network:mean", "network:weighted")     # the `layer` of the network rows in write_csv
-CSV_FIELDS = ("step", "layer", "rows", "cols", "stability", "sigma_max", "effective_rank", "rank_at_cutoff", "mixing")
 OVERHEAD_WARNING = 0.05            # warn (once, at the fourth sample) when sampling takes more of the time than this
 _CHUNK_ELEMENTS = 2 ** 24           # at most this many float64 weight entries (128 MiB) go through one batched eigh
-
-
-def basis_stability(w_prev: Tensor, w_now: Tensor) -> float:
-    """How far the orthogonal basis of a weight moved between two snapshots, in ``[-1, 1]``.
-
-    Each weight (any shape with at least 2 dimensions) is viewed as a matrix ``out × rest`` oriented tall,
-    ``W (m×n)``, ``m >= n``; with ``Q = U_r V_rᵀ`` its polar factor (:func:`oialr.linalg.polar_factor`)::
-
-        stability = tr(Q₁ᵀ Q₂) / n = mean over columns i of  cos(Q₁[:, i], Q₂[:, i])
-
-    1: the basis did not move (rescaling singular values keeps it at 1); -1: ``W₂ = -W₁``; ~0: unrelated bases.
-    Rank-deficient weights: directions with ``s_i <= 1e-6 · s_1`` count as zero, ``Q = U_r V_rᵀ``, and the trace is
-    divided by the larger of the two ranks instead of ``n`` (``‖Q‖²_F = r``), so a factored layer whose rank-``r``
-    basis did not move scores 1, and one whose rank fell from ``n`` to ``r`` scores about ``r / n``. A zero matrix
-    scores 0. Non-finite weights give ``nan``.
-    """
-    for label, w in (("w_prev", w_prev), ("w_now", w_now)):
-        if not isinstance(w, Tensor) or w.dim() < 2:
-            found = f"{w.dim()}-D tensor" if isinstance(w, Tensor) else type(w).__name__
-            raise ValueError(f"basis_stability needs weights with at least 2 dimensions (a matrix, conv kernel, ...);"
-                             f" {label} is a {found}")
-    if w_prev.shape != w_now.shape:
-        raise ValueError(f"basis_stability needs two snapshots of the same weight, got shapes {tuple(w_prev.shape)} "
-                         f"(w_prev) and {tuple(w_now.shape)} (w_now)")
-    if not (torch.isfinite(w_prev).all() and torch.isfinite(w_now).all()):
-        return math.nan
-    pair = torch.stack([linalg.tall_view(w.detach().double()) for w in (w_prev, w_now.to(w_prev.device))])
-    q, _ = linalg.polar_factor(pair)                                       # (2, m, n)
-    return _alignment(q[0], q[1])
-
-
-def _alignment(q_prev: Tensor, q_now: Tensor) -> float:
-    """``tr(Q₁ᵀ Q₂) / max(r₁, r₂)`` for polar factors of rank ``r = ‖Q‖²_F`` (0 for two zero matrices), clamped to
-    ``[-1, 1]`` against rounding."""
-    rank = max(round(q_prev.square().sum().item()), round(q_now.square().sum().item()))
-    if rank == 0:
-        return 0.0
-    return min(max((q_prev * q_now).sum().item() / rank, -1.0), 1.0)
 
 
 def layer_names(model: nn.Module, *, trainable_only: bool = False) -> list[str]:
@@ -94,27 +52,6 @@ def weight_matrix(model: nn.Module, name: str) -> Tensor:
     return as_matrix(module, weight.detach())
 
 
-def network_stability(layers: dict[str, dict[str, Any]], names: list[str], *, weighted: bool = False) -> float | None:
-    """Mean stability of the layers ``names`` of a tracker record's ``layers`` that have one (weighted by ``m·n``
-    with ``weighted``); None when none has."""
-    done = [(layers[n]["stability"], math.prod(layers[n]["shape"]) if weighted else 1) for n in names]
-    done = [(s, w) for s, w in done if s is not None]
-    return sum(s * w for s, w in done) / sum(w for _, w in done) if done else None
-
-
-def spectrum_stats(s: Tensor, cutoff: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``σ_max``, effective rank and rank at ``cutoff`` of singular values ``s (..., k)`` sorted descending.
-
-    effective rank (Roy & Vetterli 2007) ``= exp(-Σ p_i log p_i)``, ``p = s / Σ s`` (0 for a zero matrix);
-    rank at cutoff ``= #{i : s_i >= cutoff · s_1}`` (0 for a zero matrix).
-    """
-    total = s.sum(-1, keepdim=True)
-    p = s / total.clamp_min(torch.finfo(s.dtype).tiny)
-    entropy = -torch.where(p > 0, p * p.clamp_min(torch.finfo(s.dtype).tiny).log(), 0.0).sum(-1)
-    erank = torch.where(total[..., 0] > 0, entropy.exp(), 0.0)
-    rank = ((s >= cutoff * s[..., :1]) & (s[..., :1] > 0)).sum(-1)
-    return s[..., 0], erank, rank
-
 
 class StabilityTracker:
     """Records the basis stability and spectrum of a model's weight matrices every ``every`` optimizer steps.
@@ -134,8 +71,8 @@ class StabilityTracker:
     "weighted_stability", "layers": {name: {...}}}`` with, per layer, its ``shape`` (``out × rest``) and
 
         stability       tr(Q_prevᵀ Q) / n against the sample ``lag`` samples earlier, ``lag·every`` steps back
-                        (/ rank if rank-deficient, see :func:`basis_stability`); None at the first ``lag`` samples
-        sigma_max, effective_rank, rank_at_cutoff       see :func:`spectrum_stats`
+                        (/ rank if rank-deficient, see :func:`oialr.basis_stability`); None at the first ``lag`` samples
+        sigma_max, effective_rank, rank_at_cutoff       see :func:`oialr.stability_metrics.spectrum_stats`
         mixing          (``mixing=True``) ‖R − R_prev‖_F / ‖R_prev‖_F for W = QR, diag R >= 0, same ``R_prev``
 
     and, over the layers that have a stability, their mean and their mean weighted by ``m·n`` (None when none has).
@@ -257,7 +194,7 @@ class StabilityTracker:
                 sigma[j].item(), erank[j].item(), int(rank[j].item()))
             prev = self._lagged(self._q, name, q[j])
             if prev is not None:
-                out["stability"] = _alignment(prev.to(q), q[j])
+                out["stability"] = polar_alignment(prev.to(q), q[j])
             if r is not None:
                 prev = self._lagged(self._r, name, r[j])
                 if prev is not None:
@@ -274,24 +211,13 @@ class StabilityTracker:
 
     # ------------------------------------------------------------------ results files
     def write_jsonl(self, path: str | os.PathLike) -> None:
-        """One JSON object per record (per sample), written atomically."""
-        files.write_text(os.fspath(path), "".join(json.dumps(record) + "\n" for record in self.records))
+        """One JSON object per record (per sample), written atomically (:func:`oialr.stability_files.write_jsonl`)."""
+        stability_files.write_jsonl(self.records, path)
 
     def write_csv(self, path: str | os.PathLike) -> None:
-        """Columns :data:`CSV_FIELDS`: one row per (step, layer) and per step the rows ``network:mean`` and
-        ``network:weighted`` (stability only); None is an empty cell. Written atomically."""
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, restval="", lineterminator="\n")
-        writer.writeheader()
-        for record in self.records:
-            for name, values in record["layers"].items():
-                m, n = values["shape"]
-                writer.writerow({"step": record["step"], "layer": name, "rows": m, "cols": n,
-                                 **{k: "" if v is None else v for k, v in values.items() if k != "shape"}})
-            for name, key in zip(NETWORK_ROWS, ("network_stability", "weighted_stability")):
-                value = record[key]
-                writer.writerow({"step": record["step"], "layer": name, "stability": "" if value is None else value})
-        files.write_text(os.fspath(path), buffer.getvalue())
+        """One row per (step, layer) and per step the network rows, written atomically
+        (:func:`oialr.stability_files.write_csv`, columns :data:`~oialr.stability_files.CSV_FIELDS`)."""
+        stability_files.write_csv(self.records, path)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict[str, Any]:
@@ -312,4 +238,3 @@ class StabilityTracker:
         self.records = copy.deepcopy(state["records"])
         self._q = {k: list(v) for k, v in state["snapshots"].items()}
         self._r = {k: list(v) for k, v in state["mixing_snapshots"].items()}
-

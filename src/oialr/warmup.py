@@ -10,7 +10,8 @@ from . import distributed
 from ._checks import warn
 from .auto_transition import PlateauRule
 from .config import OIALRConfig
-from .stability import StabilityTracker, network_stability
+from .stability import StabilityTracker
+from .stability_metrics import network_stability
 
 
 class WarmupEnd:

@@ -8,6 +8,7 @@ import torch
 
 from .settings import ConfigError, TrainConfig, build_config, flat_settings
 
+CHECKPOINT = "checkpoint.pt"          # in the run folder: written by TrainingRun.save_checkpoint
 KEYS = ("config", "epoch", "batch_in_epoch", "step", "train_seconds", "metrics", "controller", "model", "optimizer",
         "rng")
 LAUNCH_SETTINGS = ("dist_timeout",)     # settings of one launch, not of the run: --resume may change them

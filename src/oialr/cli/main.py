@@ -73,8 +73,9 @@ def _train(args: argparse.Namespace) -> int:
     from ..distributed import process_group_from_env, process_rank, world_size
     from ..health import DegenerateStateError
     from .failures import Diverged, describe
+    from .interrupts import Interrupted, exit_code
     from .reporting import done_message
-    from .run import Interrupted, exit_code, start_or_resume
+    from .start import start_or_resume
 
     flags = {"dataset": args.dataset, "data_dir": args.data_dir, "model": args.model, "method": args.method,
              "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}

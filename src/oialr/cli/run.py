@@ -1,13 +1,12 @@
 """TrainingRun: one training run (full-rank, OIALR or a peer method) from setup to results, with exact, crash-safe
-resume; single-process or one process of a ``torchrun`` job (``docs/DISTRIBUTED.md``)."""
+resume; single-process or one process of a ``torchrun`` job (``docs/DISTRIBUTED.md``). Started, new or resumed,
+by :func:`oialr.cli.start.start_or_resume`."""
 from __future__ import annotations
 
 import copy
 import math
 import os
-import resource
 import signal
-import sys
 import time
 from typing import Any
 
@@ -16,34 +15,19 @@ from torch import nn
 
 from .. import OIALR, StabilityTracker, compact_lowrank, distributed, files
 from . import tasks
-from .checkpoint import read_checkpoint, resumed_config
-from .failures import Diverged
-from .settings import ConfigError, TrainConfig
+from .checkpoint import CHECKPOINT
 from .data import load_dataset
+from .evaluation import evaluate
+from .failures import Diverged
+from .interrupts import STOP_POLL_EVERY, Interrupted, stop_signals_to
 from .methods import build_optimizer, peer_controller
 from .models import build_model, option_problems
-from .reporting import RunFiles, optimizer_state_params, param_stats, progress
+from .reporting import RunFiles, param_stats, progress
+from .results import run_results
 from .run_folder import RunFolder
-
-CHECKPOINT = "checkpoint.pt"
-STOP_POLL_EVERY = 10    # distributed: all-reduce the stop flag every this many steps (each poll syncs the device)
-
-
-def learning_rate(cfg: TrainConfig, step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up from ``lr / warmup_steps`` to ``lr`` over ``warmup_steps``, then cosine decay to 0."""
-    if step < warmup_steps:
-        return cfg.lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-class Interrupted(Exception):
-    """Training stopped on SIGINT/SIGTERM after saving a checkpoint."""
-
-    def __init__(self, signum: int, step: int, path: str):
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}; checkpoint saved to {path}; "
-                         "continue with --resume")
-        self.signum = signum
+from .running_sums import RunningSums
+from .schedule import learning_rate
+from .settings import ConfigError, TrainConfig
 
 
 class TrainingRun:
@@ -101,7 +85,7 @@ class TrainingRun:
         except ValueError as err:                  # model_args that do not fit this model or data
             raise ConfigError(f"model {cfg.model!r} cannot be built with model_args {cfg.model_args}: {err}") from None
         self.model.to(self.device)               # the CPU, or this process's GPU under NCCL
-        self._reset_sums()
+        self.sums = RunningSums(self.device)
         self.dense_params = sum(p.numel() for p in self.model.parameters())
         self.optimizer = build_optimizer(cfg, self.model)
         wrap = distributed.ddp if self.world_size > 1 else None
@@ -133,12 +117,12 @@ class TrainingRun:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self, epoch_sums: dict[str, list] | None = None) -> dict[str, Any]:
         """Everything to resume exactly; ``epoch_sums``: every process's training sums since the last metrics row,
-        ``{"loss": [per process], "correct": [...], "seen": [...]}`` (:meth:`save_checkpoint` gathers them)."""
+        ``{"loss": [per process], "correct": [...], "seen": [...]}`` (:meth:`RunningSums.gathered`)."""
         return {
             "config": self.cfg.to_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "step": self.step, "train_seconds": self.train_seconds, "metrics": self.metrics,
             "phase_seconds": self.phase_seconds, "phase_samples": self.phase_samples,
-            "epoch_sums": epoch_sums or {k: [v] for k, v in self._plain_sums().items()},
+            "epoch_sums": epoch_sums or {k: [v] for k, v in self.sums.plain().items()},
             "controller": None if self.controller is None else self.controller.state_dict(),
             "tracker": None if self.tracker is None else self.tracker.state_dict(),
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -148,8 +132,7 @@ class TrainingRun:
     def save_checkpoint(self) -> str:
         """Rank 0 writes ``out/checkpoint.pt`` atomically; the other processes wait for it."""
         path = os.path.join(self.out, CHECKPOINT)
-        gathered = distributed.all_gather(list(self._plain_sums().values()))     # every process's partial sums
-        sums = {k: [type(v)(row[i]) for row in gathered] for i, (k, v) in enumerate(self._plain_sums().items())}
+        sums = self.sums.gathered()                 # every process's partial sums
         if self.rank == 0:
             files.save_torch(path, self.state_dict(sums))
         distributed.barrier()
@@ -167,7 +150,7 @@ class TrainingRun:
         self.train_seconds, self.metrics = state["train_seconds"], state["metrics"]
         self.phase_seconds = state.get("phase_seconds", self.phase_seconds)
         self.phase_samples = state.get("phase_samples", self.phase_samples)
-        self._reset_sums(**self._my_sums(state.get("epoch_sums", {})))
+        self.sums = RunningSums.restored(state.get("epoch_sums", {}), self.device, self.rank, self.world_size)
 
     # ------------------------------------------------------------------ training
     def train(self) -> dict[str, Any]:
@@ -182,16 +165,12 @@ class TrainingRun:
     def _train(self) -> dict[str, Any]:
         text = tasks.is_text(self.data)
         self.files = RunFiles(self.out, x_key="step" if text else "epoch", first=self.step if text else self.epoch)
-        previous = {s: signal.signal(s, self._request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with stop_signals_to(self._request_stop):
             while self.epoch < self.cfg.epochs:
                 self._train_epoch()
                 self.epoch += 1
                 self.batch_in_epoch = 0
                 self._record()
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
         return self.results()
 
     def _request_stop(self, signum, frame) -> None:
@@ -205,7 +184,7 @@ class TrainingRun:
         self.model.train()
         self.train_loader.set_epoch(self.epoch)
         if self.batch_in_epoch == 0:
-            self._reset_sums()
+            self.sums = RunningSums(self.device)
         start = time.perf_counter()
         batches = progress(self.train_loader, f"epoch {self.epoch + 1}/{self.cfg.epochs}", self.rank == 0)
         for i, (x, y) in enumerate(batches):
@@ -247,56 +226,16 @@ class TrainingRun:
         if self.controller is not None:
             self.controller.step()
         self.step += 1
-        self._sums["loss"] += loss.detach() * y.numel()        # summed on the device: no sync per step
-        self._sums["correct"] += (logits.argmax(-1) == y).sum()
-        self._sums["seen"] += y.numel()
+        self.sums.add(loss, logits, y)                  # summed on the device: no sync per step
         self.phase_seconds[phase] += time.perf_counter() - start      # no device sync: exact on the CPU only
         self.phase_samples[phase] += y.numel() * self.world_size
-
-    def _plain_sums(self) -> dict[str, float | int]:
-        return {"loss": float(self._sums["loss"]), "correct": int(self._sums["correct"]), "seen": self._sums["seen"]}
-
-    def _my_sums(self, saved: dict[str, Any]) -> dict[str, float | int]:
-        """This process's share of the saved sums: its own under the same number of processes, else the totals on
-        process 0 (a scalar is an older checkpoint's process-0 sums)."""
-        if not saved:
-            return {}
-        if not isinstance(saved["loss"], list):
-            return saved if self.rank == 0 else {}
-        if len(saved["loss"]) == self.world_size:
-            return {k: v[self.rank] for k, v in saved.items()}
-        return {k: sum(v) for k, v in saved.items()} if self.rank == 0 else {}
-
-    def _reset_sums(self, loss: float = 0.0, correct: int = 0, seen: int = 0) -> None:
-        """Training loss and correct predictions since the last metrics row, summed on the device."""
-        self._sums = {"loss": torch.tensor(loss, dtype=torch.float64, device=self.device),
-                      "correct": torch.tensor(correct, dtype=torch.int64, device=self.device), "seen": seen}
-
-    @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
-        """Test (text: validation) loss, plain cross-entropy per prediction, and top-1 accuracy; advances no
-        schedule. Distributed: each process evaluates its shard with rank 0's buffers (BatchNorm statistics), the
-        sums are all-reduced."""
-        distributed.broadcast_(list(self.model.buffers()))
-        self.model.eval()
-        loss, correct, n = 0.0, 0, 0
-        for x, y in self.test_loader:
-            x, y = x.to(self.device), y.to(self.device)
-            logits = self.model(x).flatten(0, -2)
-            loss += nn.functional.cross_entropy(logits, y.flatten(), reduction="sum").item()
-            correct += (logits.argmax(-1) == y.flatten()).sum().item()
-            n += y.numel()
-        self.model.train()
-        loss, correct, n = distributed.all_reduce([loss, correct, n])
-        return loss / n, correct / n
 
     def _record(self) -> None:
         """Evaluate, append a metrics row (the training loss since the last row), write the files, checkpoint.
         ``epoch`` is the number of completed epochs, or a fraction within one (``eval_every``)."""
-        eval_loss, top1 = self.evaluate()
-        loss, correct, seen = distributed.all_reduce([float(self._sums["loss"]), int(self._sums["correct"]),
-                                                      self._sums["seen"]])
-        self._reset_sums()
+        eval_loss, top1 = evaluate(self.model, self.test_loader, self.device)
+        loss, correct, seen = self.sums.totals()
+        self.sums = RunningSums(self.device)
         seen = max(seen, 1)
         epoch = self.epoch if self.batch_in_epoch == 0 else round(
             self.epoch + self.batch_in_epoch / len(self.train_loader), 4)
@@ -318,33 +257,9 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ results
     def results(self) -> dict[str, Any]:
-        final = self.metrics[-1] if self.metrics else {}
-        summary = self.controller.summary() if self.controller is not None else None
+        """The results dict (:func:`oialr.cli.results.run_results`); rank 0 writes it and the final files."""
         compact = compact_lowrank(copy.deepcopy(self.model)).eval()
-        text = tasks.is_text(self.data)
-        results = {
-            **tasks.headline(self.data, self.metrics),
-            "method": self.cfg.method, "dataset": self.cfg.dataset, "model": self.cfg.model,
-            "epochs": self.epoch, "steps": self.step,
-            "trainable_params": final.get("trainable_params"), "dense_params": self.dense_params,
-            "stored_params": final.get("stored_params"),
-            "compact_params": sum(p.numel() for p in compact.parameters()),
-            "train_seconds": self.train_seconds,
-            **(tasks.throughput(self.phase_seconds, self.phase_samples) if text else {}),
-            **({"optimizer_state_params": optimizer_state_params(self.optimizer), "data": self.data.info()}
-               if text else {}),
-            "peak_rss_mb": distributed.all_reduce(      # the largest process
-                [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], op="max")[0],
-            "world_size": self.world_size,
-            "stability_overhead": None if self.tracker is None else self.tracker.overhead,   # since this start
-            "transition_step": summary["transition_step"] if summary else None,
-            "transition_reason": summary["transition_reason"] if summary else None,
-            **{k: summary.get(k) if summary else None
-               for k in ("stored_budget", "stored_fraction", "cut_stored_fraction")},
-            "layers": summary["layers"] if summary else {},
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "config": self.cfg.to_dict(),
-        }
+        results = run_results(self, compact)
         if self.rank == 0:
             self.files.final(results, self.metrics, self.model, compact, self.tracker, self.log,
                              self.controller.config if isinstance(self.controller, OIALR) else None)
@@ -355,50 +270,3 @@ class TrainingRun:
 def _compiled(wrap):
     """``wrap`` (or nothing) followed by ``torch.compile``."""
     return lambda model: torch.compile(model if wrap is None else wrap(model))
-
-
-def start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, *, log=print,
-                    given: set[str] | None = None) -> TrainingRun:
-    """A ready :class:`TrainingRun`: new (``out`` must not hold one) or restored from ``out/checkpoint.pt``.
-
-    On resume the saved config is used; ``cfg`` (when given) must agree with it on every setting, or on those named
-    in ``given`` (the ones the user set: :func:`oialr.cli.settings.given_settings`). Process 0 first claims ``out``
-    (:class:`RunFolder`: writable, not in use by another run); the claim is held until :meth:`TrainingRun.train`
-    ends."""
-    folder = RunFolder(out).claim() if distributed.process_rank() == 0 else None
-    try:
-        run = _start_or_resume(cfg, out, resume, log, given)
-    except BaseException:
-        if folder is not None:
-            folder.release()
-        raise
-    run.folder = folder
-    return run
-
-
-def _start_or_resume(cfg: TrainConfig | None, out: str, resume: bool, log, given: set[str] | None) -> TrainingRun:
-    path = os.path.join(out, CHECKPOINT)
-    if not resume:
-        if os.path.exists(path):
-            raise ConfigError(f"{out} already holds a run ({path}); pass --resume to continue it or choose "
-                              "another --out")
-        run = TrainingRun(cfg, out, log=log)
-        run.setup()
-        return run
-    if not os.path.exists(path):
-        raise ConfigError(f"nothing to resume: {path} does not exist; start the run without --resume")
-    state = read_checkpoint(path)
-    saved = resumed_config(state, path, cfg, given)
-    run = TrainingRun(saved, out, log=log)
-    run.setup()
-    try:
-        run.load_checkpoint(state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        raise ConfigError(f"{path} does not fit the run its settings describe ({type(err).__name__}: "
-                          f"{str(err).strip().splitlines()[0][:200]}); restore the file or start a new run") from None
-    run.log(f"resumed {out} at epoch {run.epoch}, step {run.step}")
-    return run
-
-
-def exit_code(err: Interrupted) -> int:
-    return 128 + err.signum if sys.platform != "win32" else 1
