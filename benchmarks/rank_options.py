@@ -72,15 +72,17 @@ def main(argv=None) -> None:
               f"{state_bytes(model, opt) / 2**20:6.2f} MB")
     results = {}
     for augment in (False, True):
-        model, opt, ctl, x, y = setup(stored_budget=0.25, augment_bases=augment)
-        recorded, updates, steps = [], [], []
-        for _ in range(3):
-            steps.append(step_time(model, opt, x, y, args.steps))        # between updates (widened after 1st)
-            if augment:
-                ctl._recorder.start(ctl.lowrank_layers())               # as ctl.step() does before an update
+        model, opt, ctl, x, y = setup(stored_budget=0.25, augment_bases=augment, update_every=args.steps + 1)
+        plain, recorded, updates = [], [], []
+        for _ in range(3):                  # one cycle: `steps` plain steps, the recorded one, the basis update
+            times = []
+            for _ in range(args.steps):     # ctl.step() after the last one arms the recording of the next step
+                times.append(timed(lambda: train_step(model, opt, x, y)))      # noqa: B023 (called here)
+                ctl.step()
+            plain.append(median(times[1:]))                                     # widened after the first update
             recorded.append(timed(lambda: train_step(model, opt, x, y)))          # noqa: B023 (called here)
-            updates.append(timed(ctl.update_bases))
-        results[augment] = (median(steps), median(recorded), median(updates), steps[0])
+            updates.append(timed(ctl.step))                                     # the basis update (and widening)
+        results[augment] = (median(plain), median(recorded), median(updates))
     base, aug = results[False], results[True]
     extra = (aug[1] - aug[0]) + (aug[2] - base[2])
     print(f"stored_budget=0.25: step {base[0] * 1e3:.1f} ms CPU at the cut ranks, {aug[0] * 1e3:.1f} ms widened "
