@@ -273,6 +273,17 @@ def test_aggregate_table_gives_mean_and_std_over_seeds(tmp_path):
     assert rows[3] == "| one | 1 | 80.00 | 20.0 | 150.0 | 10 | 500 |"
 
 
+def test_a_growing_run_ends_within_its_budget(data_dir, tmp_path):
+    oialr_settings = {"warmup_steps": 20, "update_every": 7, "cutoff": 0.0, "stored_budget": 0.5,
+                      "augment_bases": True}
+    run = start_or_resume(tiny(data_dir, oialr=oialr_settings), str(tmp_path / "g"), resume=False,
+                          log=lambda *a: None)
+    results = run.train()
+    assert results["steps"] == 45 and (45 - 20) % 7                 # the last step is no update: layers widened
+    assert results["stored_fraction"] == results["cut_stored_fraction"] <= 0.5
+    assert {name: layer["rank"] for name, layer in results["layers"].items()} == run.controller.cut_ranks
+
+
 def test_text_tables_give_the_factored_layers_stored_fraction(tmp_path):
     from oialr.cli.compare import aggregate_table, factored_stored_fraction
     layers = {"a": {"rank": 2, "full_rank": 4, "dense_params": 16, "stored_params": 2 * (4 + 4 + 2)},

@@ -170,8 +170,18 @@ class TrainingRun:
                 self._train_epoch()
                 self.epoch += 1
                 self.batch_in_epoch = 0
+                if self.epoch == self.cfg.epochs:
+                    self._end_at_cut_ranks()
                 self._record()
         return self.results()
+
+    def _end_at_cut_ranks(self) -> None:
+        """With ``augment_bases`` the layers hold up to twice their cut ranks between basis updates: the run ends
+        with one more cut and no widening, so that the final model, its evaluation and the saved files keep only
+        what the rank rule (or ``stored_budget``) allows."""
+        ctl = self.controller
+        if isinstance(ctl, OIALR) and ctl.config.augment_bases and ctl.phase == "low-rank":
+            ctl.update_bases(grow=False)
 
     def _request_stop(self, signum, frame) -> None:
         if self._stop_signal is not None:          # a second Ctrl-C: stop at once
