@@ -383,7 +383,7 @@ def test_bad_arguments():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(TypeError, match="optimizer must be a torch.optim.Optimizer"):
         OIALR(model, [model[0].weight])
-    with pytest.raises(TypeError, match="config must be an OIALRConfig"):
+    with pytest.raises(TypeError, match=r"config must be an oialr.OIALRConfig \(or None for the defaults\), got dict"):
         OIALR(model, opt, {"cutoff": 0.1})
 
 

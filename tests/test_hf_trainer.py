@@ -159,7 +159,7 @@ def test_resume_without_what_it_needs_is_refused(tmp_path):
 
 
 def test_bad_config_is_refused():
-    with pytest.raises(TypeError, match="config must be an oialr.OIALRConfig, got dict"):
+    with pytest.raises(TypeError, match=r"config must be an oialr.OIALRConfig \(or None for the defaults\), got dict"):
         OIALRCallback({"warmup_steps": 3})
 
 

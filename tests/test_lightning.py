@@ -170,3 +170,9 @@ def test_a_missing_extra_is_named(monkeypatch):
 
 if __name__ == "__main__":
     ddp_worker(sys.argv[1])
+
+
+def test_a_config_that_is_not_an_oialr_config_is_refused():
+    with pytest.raises(TypeError, match=r"config must be an oialr.OIALRConfig \(or None for the defaults\), got dict"):
+        OIALRCallback({"cutoff": 0.1})
+    assert OIALRCallback().config == oialr.OIALRConfig()

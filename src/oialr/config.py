@@ -178,3 +178,12 @@ def _regex_problem(pattern: Any) -> str | None:
     except (re.error, TypeError) as err:
         return str(err)
     return None
+
+
+def config_or_default(config: OIALRConfig | None) -> OIALRConfig:
+    """``config``, or ``OIALRConfig()`` for ``None``; a ``TypeError`` naming anything else."""
+    if config is None:
+        return OIALRConfig()
+    if not isinstance(config, OIALRConfig):
+        raise TypeError(f"config must be an oialr.OIALRConfig (or None for the defaults), got {type(config).__name__}")
+    return config

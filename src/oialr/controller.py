@@ -9,7 +9,7 @@ from torch import nn
 from . import basis_updates, budget, distributed, growth, health, optim_state
 from ._checks import check_same_settings, check_state_version
 from .auto_transition import PlateauRule
-from .config import OIALRConfig
+from .config import OIALRConfig, config_or_default
 from .convert import convert_layer
 from .factorize import placeholder_factors, transition_factors
 from .layers import LowRankLayer
@@ -74,9 +74,7 @@ class OIALR:
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.model = model
         self.optimizer = optimizer
-        self.config = config if config is not None else OIALRConfig()
-        if not isinstance(self.config, OIALRConfig):
-            raise TypeError(f"config must be an OIALRConfig, got {type(self.config).__name__}")
+        self.config = config_or_default(config)
         self.total_steps = total_steps
         self.layer_infos: list[LayerInfo] = find_layers(model, self.config)
         self.targets = [info.name for info in self.layer_infos if info.convert]

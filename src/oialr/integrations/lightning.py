@@ -30,7 +30,7 @@ except ImportError as error:
     raise ImportError("oialr.integrations.lightning needs Lightning 2.x: pip install oialr[lightning]") from error
 
 from .. import distributed
-from ..config import OIALRConfig
+from ..config import OIALRConfig, config_or_default
 from ..controller import OIALR
 from ._grad_sync import FactorGradSync
 from ._resume import FactoredWeightCatcher, unwrap_optimizer
@@ -53,9 +53,7 @@ class OIALRCallback(Callback):
     (``callback.controller.summary()``, ``.table()``)."""
 
     def __init__(self, config: OIALRConfig | None = None):
-        self.config = config if config is not None else OIALRConfig()
-        if not isinstance(self.config, OIALRConfig):
-            raise TypeError(f"config must be an oialr.OIALRConfig, got {type(self.config).__name__}")
+        self.config = config_or_default(config)
         self.controller: OIALR | None = None
         self._catcher: FactoredWeightCatcher | None = None
         self._saved: dict[str, Any] | None = None

@@ -34,7 +34,7 @@ except ImportError as error:
         from error
 
 from .. import distributed
-from ..config import OIALRConfig
+from ..config import OIALRConfig, config_or_default
 from ..controller import OIALR
 from ..files import save_torch
 from . import hf_conv1d
@@ -66,9 +66,7 @@ class OIALRCallback(TrainerCallback):
     (``callback.controller.summary()``, ``.table()``)."""
 
     def __init__(self, config: OIALRConfig | None = None):
-        self.config = config if config is not None else OIALRConfig()
-        if not isinstance(self.config, OIALRConfig):
-            raise TypeError(f"config must be an oialr.OIALRConfig, got {type(self.config).__name__}")
+        self.config = config_or_default(config)
         self.controller: OIALR | None = None
         self._catcher: FactoredWeightCatcher | None = None
         self._grad_sync: FactorGradSync | None = None
