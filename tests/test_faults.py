@@ -14,13 +14,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from oialr import OIALR, DegenerateStateError, OIALRConfig, files
+from oialr import OIALR, DegenerateStateError, OIALRConfig
 from oialr.cli import run as cli_run
 from oialr.cli.interrupts import Interrupted
 from oialr.cli.start import start_or_resume
 from oialr.cli import run_folder
 from oialr.cli.main import main
 from oialr.cli.settings import ConfigError, build_config
+from full_disk import fill_disk
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.join(HERE, "..", "src"), HERE])}
@@ -148,27 +149,7 @@ def test_a_nan_weight_at_the_transition_ends_in_one_line_and_keeps_the_checkpoin
 
 def test_a_full_disk_ends_in_one_line_and_keeps_the_previous_checkpoint(data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "full"
-    real_fdopen = os.fdopen
-
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            if os.path.exists(out / "checkpoint.pt"):       # the disk fills up after the first checkpoint
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    fill_disk(monkeypatch, lambda: os.path.exists(out / "checkpoint.pt"))     # full after the first checkpoint
     assert main(args(data_dir, out, "--epochs", "2")) == 1
     assert one_line_error(capsys) == (
         f"oialr: error: cannot write {out}/metrics.jsonl: No space left on device; its previous version is "

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from oialr import OIALR, OIALRConfig, files
+from full_disk import fill_disk
 
 
 def test_a_bad_target_regex_is_a_config_error_naming_the_field():
@@ -31,25 +32,7 @@ def test_a_zero_size_layer_stays_dense_instead_of_crashing_the_controller():
 def test_a_failed_write_names_the_file_and_keeps_the_previous_version(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
     files.save_torch(path, {"w": torch.ones(3)})
-    real_fdopen = os.fdopen
-
-    class FullDisk:
-        def __init__(self, f):
-            self.f = f
-
-        def write(self, data):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    fill_disk(monkeypatch)
     with pytest.raises(files.WriteError) as err:
         files.save_torch(path, {"w": torch.zeros(1000)})      # torch.save wraps the OSError in a RuntimeError
     assert str(err.value) == f"cannot write {path}: No space left on device; its previous version is unchanged"
