@@ -133,8 +133,12 @@ def carry_basis(optimizer: torch.optim.Optimizer, old: Tensor, new: nn.Parameter
 @torch.no_grad()
 def pad(optimizer: torch.optim.Optimizer, old: Tensor, new: nn.Parameter) -> None:
     """A factor widened by new directions (``Σ (k×k)`` -> ``(k+p)×(k+p)``, ``U (m×k)`` -> ``m×(k+p)``, ``old``'s
-    values in the leading block): its state moves to ``new`` with zeros for the new entries, Adam's ``step`` kept
-    (so the first steps of the new entries are larger than a fresh Adam's, by up to ``(1−β₁)/√(1−β₂) ≈ 3.2``)."""
+    values in the leading block): its state moves to ``new`` with zeros for the new entries, Adam's ``step`` kept.
+    With ``step`` already large, bias correction no longer scales a new entry's moments up, so after ``j`` steps its
+    update is ``(1−β₁ʲ)/√(1−β₂ʲ)`` times a settled entry's with the same gradient: 3.2× at ``j = 1``, up to 6.6×
+    near ``j ≈ 12`` at the default betas. (Giving the new entries the mean of the old second moments instead
+    over-damps them: the toy regression of ``tests/test_growth.py`` then regains rank 7 of 8 and a 10× higher loss
+    after 160 steps.)"""
     def widen(t: Tensor) -> Tensor:
         out = t.new_zeros(new.shape)
         out[tuple(slice(0, d) for d in t.shape)] = t
