@@ -137,8 +137,8 @@ def pad(optimizer: torch.optim.Optimizer, old: Tensor, new: nn.Parameter) -> Non
     With ``step`` already large, bias correction no longer scales a new entry's moments up, so after ``j`` steps its
     update is ``(1−β₁ʲ)/√(1−β₂ʲ)`` times a settled entry's with the same gradient: 3.2× at ``j = 1``, up to 6.6×
     near ``j ≈ 12`` at the default betas. (Giving the new entries the mean of the old second moments instead
-    over-damps them: the toy regression of ``tests/test_growth.py`` then regains rank 7 of 8 and a 10× higher loss
-    after 160 steps.)"""
+    over-damps them: the toy regression of ``tests/test_growth.py`` then regains rank 7 of 8 and a loss of 0.36
+    instead of 0.078 after 160 steps.)"""
     def widen(t: Tensor) -> Tensor:
         out = t.new_zeros(new.shape)
         out[tuple(slice(0, d) for d in t.shape)] = t
