@@ -11,36 +11,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import heapq
 
 import torch
 import torch.nn.functional as F
 
 from oialr import OIALRConfig, find_layers, linalg
-from oialr.budget import allocate_ranks, marginal_cost, stored_fraction
+from oialr.budget import allocate_ranks, greedy_ranks, marginal_cost, stored_fraction
 from oialr.cli.data import load_mnist1d
 from oialr.cli.models import build_model
 from oialr.targets import layer_weight
 
 
 def greedy(spectra, shapes, budget, worth):
-    """Like allocate_ranks (floors 1, caps full), with ``worth(s, i, cost)`` as the score of value ``i``."""
-    room = budget * sum(m * n for m, n in shapes) - sum(m + n + 1 for m, n in shapes)
-    ranks, heap = [1] * len(shapes), []
-
-    def push(j):
-        if ranks[j] < spectra[j].numel():
-            heapq.heappush(heap, (-worth(spectra[j], ranks[j], marginal_cost(*shapes[j], ranks[j])), j))
-
-    for j in range(len(shapes)):
-        push(j)
-    while heap:
-        _, j = heapq.heappop(heap)
-        cost = marginal_cost(*shapes[j], ranks[j])
-        if cost <= room:
-            room, ranks[j] = room - cost, ranks[j] + 1
-            push(j)
-    return ranks
+    """oialr.budget.greedy_ranks (floors 1, caps full) with ``worth(s, i, cost)`` as the score of value ``i``."""
+    return greedy_ranks(lambda j, i: worth(spectra[j], i, marginal_cost(*shapes[j], i)), shapes, budget,
+                        [1] * len(shapes), [s.numel() for s in spectra])
 
 
 def uniform(spectra, shapes, budget):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -60,17 +60,28 @@ def allocate_ranks(spectra: Sequence[Tensor], shapes: Sequence[tuple[int, int]],
     """
     if not (len(spectra) == len(shapes) == len(floors) == len(caps)):
         raise ValueError("spectra, shapes, floors and caps must have one entry per layer")
-    room = budget * sum(m * n for m, n in shapes) - sum(stored_params(m, n, f) for (m, n), f in zip(shapes, floors))
-    ranks = list(floors)
     squares = [(s.double() ** 2).tolist() for s in spectra]
     energies = [sum(sq) for sq in squares]
+
+    def score(layer: int, i: int) -> float:
+        worth = squares[layer][i] / energies[layer] if energies[layer] > 0 else 0.0
+        return worth / marginal_cost(*shapes[layer], i)
+
+    return greedy_ranks(score, shapes, budget, floors, [min(c, len(sq)) for c, sq in zip(caps, squares)])
+
+
+def greedy_ranks(score: Callable[[int, int], float], shapes: Sequence[tuple[int, int]], budget: float,
+                 floors: Sequence[int], caps: Sequence[int]) -> list[int]:
+    """The greedy pass of :func:`allocate_ranks` for any ``score(layer, i)`` of value ``i`` of a layer (which should
+    not increase with ``i``): from the floors, repeatedly grow the layer whose next value scores best while its
+    :func:`marginal_cost` fits the room left under ``budget · Σ m n``; a layer that does not fit stops growing."""
+    room = budget * sum(m * n for m, n in shapes) - sum(stored_params(m, n, f) for (m, n), f in zip(shapes, floors))
+    ranks = list(floors)
     heap: list[tuple[float, int]] = []
 
     def push(layer: int) -> None:
-        r, sq, energy = ranks[layer], squares[layer], energies[layer]
-        if r < min(caps[layer], len(sq)):
-            worth = sq[r] / energy if energy > 0 else 0.0
-            heapq.heappush(heap, (-worth / marginal_cost(*shapes[layer], r), layer))
+        if ranks[layer] < caps[layer]:
+            heapq.heappush(heap, (-score(layer, ranks[layer]), layer))
 
     for layer in range(len(ranks)):
         push(layer)
@@ -98,7 +109,6 @@ def stored_fractions(shapes: Sequence[tuple[int, int]], budget: float | None, ra
     return {"stored_budget": budget,
             "stored_fraction": stored_fraction(shapes, ranks) if ranks else 1.0,
             "cut_stored_fraction": stored_fraction(shapes, cut_ranks) if cut_ranks else 1.0}
-
 
 
 def transition_ranks(matrices: Sequence[Tensor], config: OIALRConfig) -> list[int]:
