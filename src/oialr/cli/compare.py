@@ -106,16 +106,23 @@ def epoch_table(run_dirs: list[str], key: str = "test_top1") -> str:
     return _markdown((f"{key} by epoch", *map(str, epochs)), rows)
 
 
-def aggregate_table(groups: dict[str, list[str]]) -> str:
+def aggregate_table(groups: dict[str, list[str]], reference: str | None = None) -> str:
     """One row per group of runs (e.g. seeds): mean ± std of top-1 (text: val bits per byte, and tokens/s per
-    phase), trainable %, stored %, time, peak memory (the value alone for a group of one run)."""
+    phase), trainable %, stored %, time, peak memory (the value alone for a group of one run). With ``reference``
+    (one of the groups, e.g. full-rank), a column ``time ÷ REFERENCE``: each group's mean training seconds over the
+    reference group's."""
     loaded = {name: [load_results(d) for d in run_dirs] for name, run_dirs in groups.items()}
+    if reference is not None and reference not in loaded:
+        raise ConfigError(f"reference group {reference!r} has no finished run; groups: {', '.join(loaded)}")
     text = any(_is_text(r) for results in loaded.values() for r in results)
     if text:
         header = ("runs", "n", "val bpb", "trainable %", "stored %", "factored stored %", "tok/s full-rank",
                   "tok/s low-rank", "train s", "peak MB")
     else:
         header = ("runs", "n", "top1", "trainable %", "stored %", "train s", "peak MB")
+    if reference is not None:
+        header = (*header[:-1], f"time ÷ {reference}", header[-1])
+        reference_seconds = statistics.mean(r["train_seconds"] for r in loaded[reference])
     rows = []
     for name, results in loaded.items():
         def stat(values: list[float | None], fmt: str) -> str:
@@ -131,11 +138,14 @@ def aggregate_table(groups: dict[str, list[str]]) -> str:
         rates = (stat([_scaled(factored_stored_fraction(r), 100) for r in results], ".1f"),
                  stat([r.get("tokens_per_second_full_rank") for r in results], ",.0f"),
                  stat([r.get("tokens_per_second_low_rank") for r in results], ",.0f")) if text else ()
+        ratio = () if reference is None else \
+            (f"{statistics.mean(r['train_seconds'] for r in results) / reference_seconds:.2f}",)
         rows.append((name, str(len(results)), score,
                      stat([100 * r["trainable_params"] / r["dense_params"] for r in results], ".1f"),
                      stat([100 * r["stored_params"] / r["dense_params"] for r in results], ".1f"),
                      *rates,
                      stat([r["train_seconds"] for r in results], ".0f"),
+                     *ratio,
                      stat([r["peak_rss_mb"] for r in results], ".0f")))
     return _markdown(header, rows)
 
