@@ -14,14 +14,18 @@ A grid file names a base config, an output folder, a results page and groups of 
     groups:
       full-rank: {method: full-rank}
       oialr-paper: {method: oialr, oialr: {warmup_steps: 800, update_every: 160, cutoff: 0.15}}
+    borrow: {c0.3: fmnist_vit_sweep/c0.3}          # optional: runs another grid trains, shown on this page
+    curves: {cutoff sweep: [oialr-paper, c0.3]}    # optional: lines on the stored-fraction figure
 
 Run ``GROUP-sSEED`` trains in ``OUT/GROUP-sSEED`` (its output in ``OUT/GROUP-sSEED.log``). When it finishes, its
 ``results.json`` and ``metrics.jsonl`` are archived next to the report (``docs/results/fmnist_vit/GROUP-sSEED/``,
 kept in git), so a finished run is never trained again and its numbers stay in the report on a new machine. An
 interrupted run (``checkpoint.pt``, no results) is resumed with ``--resume``. Without ``--only``, runs go seed by
-seed, groups interleaved, so a stopped session leaves comparable partial results. On two CPU cores, two 1-thread
-runs side by side train ~1.3x more steps per second than one 2-thread run, but each run's time then includes
-sharing the machine with another: say so next to the times.
+seed, groups interleaved, so a stopped session leaves comparable partial results. A borrowed group
+(``benchmarks/grid_files.py``) is never trained by this grid: its runs for this grid's seeds are read from the run
+folders or archive of the grid that trains them. On two CPU cores, two 1-thread runs side by side train ~1.3x
+more steps per second than one 2-thread run, but each run's time then includes sharing the machine with another:
+say so next to the times.
 """
 from __future__ import annotations
 
@@ -33,13 +37,12 @@ import sys
 import time
 from dataclasses import dataclass
 
-import yaml
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "src"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))      # its sibling grid_plots, however loaded
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))      # its siblings grid_files and grid_plots
 
 from oialr import files  # noqa: E402
+import grid_files  # noqa: E402
 import grid_plots  # noqa: E402
 from oialr.cli.compare import aggregate_table, compare_table, load_results  # noqa: E402
 
@@ -97,6 +100,13 @@ def grid_runs(grid: dict) -> list[Run]:
     return [Run(grid, group, seed) for seed in grid["seeds"] for group in grid["groups"]]
 
 
+def page_runs(grid: dict) -> dict[str, list[Run]]:
+    """Per group on the grid's page (borrowed ones first, as runs of the grid that trains them), its runs for the
+    grid's seeds."""
+    sources = {**grid["borrowed"], **{group: (grid, group) for group in grid["groups"]}}
+    return {group: [Run(source, name, seed) for seed in grid["seeds"]] for group, (source, name) in sources.items()}
+
+
 def select(grids: list[dict], only: list[str]) -> list[Run]:
     """The runs of ``grids`` named in ``only`` (in that order), or all of them. A name is ``GROUP-sSEED``, or
     ``GRID/GROUP-sSEED`` (``GRID``: the grid file's name without ``.yaml``) where several grids have that run."""
@@ -105,6 +115,7 @@ def select(grids: list[dict], only: list[str]) -> list[Run]:
         return list(runs.values())
     chosen = []
     for name in only:
+        refuse_borrowed(grids, name)
         matches = [key for key, run in runs.items() if name in (key, run.name)]
         if len(matches) != 1:
             problem = f"matches {' and '.join(matches)}" if matches else "is no run of these grids"
@@ -112,6 +123,17 @@ def select(grids: list[dict], only: list[str]) -> list[Run]:
                              f"{', '.join(runs)}")
         chosen.append(runs[matches[0]])
     return chosen
+
+
+def refuse_borrowed(grids: list[dict], name: str) -> None:
+    """A SystemExit when ``--only name`` is a borrowed run of one of ``grids``, naming the command that trains it."""
+    for grid in grids:
+        for group, (other, other_group) in grid["borrowed"].items():
+            for seed in grid["seeds"]:
+                if name in (f"{grid['name']}/{group}-s{seed}", f"{group}-s{seed}"):
+                    raise SystemExit(f"--only {name}: {grid['name']} borrows {group} from {other['name']}/"
+                                     f"{other_group}, which trains it: .venv/bin/python benchmarks/experiments.py "
+                                     f"{os.path.relpath(other['path'], ROOT)} --only {other_group}-s{seed}")
 
 
 def archive(run: Run) -> None:
@@ -161,28 +183,20 @@ def _wait_any(running: dict[subprocess.Popen, Run]) -> subprocess.Popen:
 
 def write_report(grid: dict) -> str:
     finished: dict[str, list[str]] = {}
-    for run in grid_runs(grid):
-        folder = run.finished_dir()
-        if folder is not None:
-            finished.setdefault(run.group, []).append(folder)
+    for group, runs in page_runs(grid).items():
+        folders = [folder for folder in (run.finished_dir() for run in runs) if folder is not None]
+        if folders:
+            finished[group] = folders
     lines = [f"# {os.path.basename(grid['report']).removesuffix('.md')}", "",
              f"Grid `{os.path.relpath(grid['path'], ROOT)}` on `{grid['base']}`; produced by", "",
              "```bash", f".venv/bin/python benchmarks/experiments.py {os.path.relpath(grid['path'], ROOT)}", "```", "",
              "## Mean ± std over seeds", "", aggregate_table(finished) if finished else "(no finished run yet)", "",
              "## Every run", "",
              compare_table([d for dirs in finished.values() for d in dirs]) if finished else "(none)", ""]
-    if finished and any(load_results(d).get("val_bpb") is not None for dirs in finished.values() for d in dirs):
-        folder = os.path.splitext(os.path.join(ROOT, grid["report"]))[0]
-        name = os.path.basename(folder)
-        try:
-            grid_plots.render(grid_plots.bpb_curves(finished), grid_plots.bpb_by_stored(finished), folder)
-            lines += ["## Figures", "", f"![validation bpb against training seconds]({name}/bpb_vs_time.png)", "",
-                      f"![validation bpb against stored parameters]({name}/bpb_vs_stored.png)", ""]
-        except ImportError as err:
-            lines += ["## Figures", "", f"(not drawn: {err}; pip install matplotlib)", ""]
+    if finished:
+        lines += ["## Figures", ""] + figures(grid, finished)
     lines += ["## Groups", ""]
-    lines += [f"- `{group}`: `{' '.join(flatten(settings)) or '(base config)'}`"
-              for group, settings in grid["groups"].items()]
+    lines += [group_line(grid, group, runs) for group, runs in page_runs(grid).items()]
     if grid.get("notes"):
         lines += ["", "## Notes", "", grid["notes"].strip()]
     text = "\n".join(lines) + "\n"
@@ -190,12 +204,35 @@ def write_report(grid: dict) -> str:
     return text
 
 
-def load_grid(path: str) -> dict:
-    with open(path) as f:
-        grid = yaml.safe_load(f)
-    grid["path"] = os.path.abspath(path)
-    grid["name"] = os.path.splitext(os.path.basename(path))[0]
-    return grid
+def group_line(grid: dict, group: str, runs: list[Run]) -> str:
+    """The group's settings; for a borrowed group also where it comes from and its seeds not finished there."""
+    source, name = runs[0].grid, runs[0].group
+    settings = f"`{' '.join(flatten(source['groups'][name])) or '(base config)'}`"
+    if source is grid:
+        return f"- `{group}`: {settings}"
+    missing = [str(run.seed) for run in runs if run.finished_dir() is None]
+    unfinished = f"; not finished for seed {', '.join(missing)}" if missing else ""
+    return (f"- `{group}`: borrowed from `{source['name']}/{name}` (trained by "
+            f"`{os.path.relpath(source['path'], ROOT)}`{unfinished}): {settings}")
+
+
+def figures(grid: dict, finished: dict[str, list[str]]) -> list[str]:
+    """Draw the grid's two figures next to its page (:mod:`grid_plots`); return the page's lines for them."""
+    metric = grid_plots.metric_of([load_results(d) for dirs in finished.values() for d in dirs])
+    folder = os.path.splitext(os.path.join(ROOT, grid["report"]))[0]
+    name = os.path.basename(folder)
+    try:
+        curves, no_curve = grid_plots.metric_curves(finished, metric)
+        points, no_point = grid_plots.metric_by_stored(finished, metric)
+        grid_plots.render(metric, curves, grid_plots.frontier(points, grid["curves"]), folder)
+    except ImportError as err:
+        return [f"(not drawn: {err}; pip install matplotlib)", ""]
+    lines = [f"![{metric.title} against training seconds]({name}/{metric.short}_vs_time.png)", "",
+             f"![{metric.title} against stored parameters]({name}/{metric.short}_vs_stored.png)", ""]
+    if no_curve or no_point:
+        lines += [f"Not in the figure against time: {', '.join(no_curve) or 'none'}; not in the figure against "
+                  f"stored parameters: {', '.join(no_point) or 'none'}.", ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -209,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.workers < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--workers and --threads must be >= 1")
-    grids = [load_grid(path) for path in args.grids]
+    grids = [grid_files.load_grid(path) for path in args.grids]
     runs = select(grids, args.only)
     for run in (run for grid in grids for run in grid_runs(grid)):     # finished outside this command
         if os.path.exists(os.path.join(ROOT, run.out, "results.json")) and \

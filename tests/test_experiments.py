@@ -129,3 +129,92 @@ def test_a_text_grid_page_gets_its_two_figures(experiments, tmp_path):
     for figure in ("bpb_vs_time.png", "bpb_vs_stored.png"):
         assert (tmp_path / "docs" / "lm" / figure).stat().st_size > 1000
     assert "| oialr | 1 | 2.5000 | 10.0 | 50.0 | 56.2 |" in report              # 36 of 64 in the factored layer
+
+
+def fake_vision_run(tmp_path, grid, name, top1, stored=None, layers=True):
+    """An archived vision run: ``stored`` parameters of a 100-parameter factored layer (None: no factored layer);
+    ``layers=False``: a factored run whose results.json lacks per-layer sizes (one rebuilt from a table)."""
+    run = tmp_path / "docs" / grid / name
+    run.mkdir(parents=True)
+    layer = {"rank": 2, "full_rank": 10, "dense_params": 100, "stored_params": stored}
+    (run / "results.json").write_text(json.dumps({
+        "method": "full-rank" if stored is None else "oialr", "model": "vit", "top1": top1, "best_top1": top1,
+        "dense_params": 200, "trainable_params": 50, "stored_params": 150, "train_seconds": 9.0, "peak_rss_mb": 1.0,
+        "transition_step": None if stored is None else 4,
+        "layers": {"l": layer} if stored is not None and layers else {}}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"epoch": e, "train_seconds": 3.0 * e,
+                                                           "test_top1": top1 - 0.1 / e}) + "\n" for e in (1, 2, 3)))
+    return str(run)
+
+
+def test_the_frontier_draws_curves_through_group_means_points_and_levels(experiments, tmp_path):
+    plots = experiments.grid_plots
+    groups = {"c0.3": [fake_vision_run(tmp_path, "g", "c0.3-s0", 0.80, stored=20),
+                       fake_vision_run(tmp_path, "g", "c0.3-s1", 0.82, stored=30)],
+              "c0.1": [fake_vision_run(tmp_path, "g", "c0.1-s0", 0.84, stored=60),
+                       fake_vision_run(tmp_path, "g", "c0.1-s1", 0.85, stored=60, layers=False)],
+              "b0.5": [fake_vision_run(tmp_path, "g", "b0.5-s0", 0.83, stored=50)],
+              "full-rank": [fake_vision_run(tmp_path, "g", "full-rank-s0", 0.86),
+                            fake_vision_run(tmp_path, "g", "full-rank-s1", 0.88)]}
+    metric = plots.metric_of([json.loads((tmp_path / "docs" / "g" / "c0.3-s0" / "results.json").read_text())])
+    assert metric is plots.TOP1
+    points, left_out = plots.metric_by_stored(groups, metric)
+    assert left_out == ["c0.1-s1 (no per-layer sizes in results.json)"]
+    front = plots.frontier(points, {"cutoff sweep": ["c0.1", "c0.3"]})
+    (line,) = front.lines.values()
+    assert [p.group for p in line] == ["c0.3", "c0.1"]                   # by stored fraction, not as listed
+    assert line[0].stored == pytest.approx(25.0) and line[0].value == pytest.approx(81.0)
+    assert (line[0].stored_std, line[0].value_std) == (pytest.approx(7.0711, abs=1e-4), pytest.approx(1.4142, abs=1e-4))
+    assert (line[1].stored, line[1].value, line[1].value_std) == (pytest.approx(60.0), pytest.approx(84.0), None)
+    assert [(p.group, p.stored, p.value) for p in front.points] == [("b0.5", 50.0, pytest.approx(83.0))]
+    assert front.levels == {"full-rank": pytest.approx(87.0)}
+    paths = plots.render(metric, plots.metric_curves(groups, metric)[0], front, str(tmp_path / "figures"))
+    assert [os.path.basename(p) for p in paths] == ["top1_vs_time.png", "top1_vs_stored.png"]
+
+
+def test_a_grid_borrows_runs_another_grid_trains(experiments, tmp_path):
+    write_grid(tmp_path, "other", {"dense": {"method": "full-rank"}, "c0.2": {"method": "oialr"}}, seeds=[0, 1])
+    fake_vision_run(tmp_path, "other", "dense-s0", 0.90)
+    out = tmp_path / "runs" / "other" / "c0.2-s0"                     # finished, not yet archived
+    out.mkdir(parents=True)
+    (out / "results.json").write_text((tmp_path / "docs" / "other" / "dense-s0" / "results.json").read_text()
+                                      .replace('"top1": 0.9', '"top1": 0.7'))
+    grid = write_grid(tmp_path, "g", {"b0.5": {"method": "oialr", "oialr": {"stored_budget": 0.5}}}, seeds=[0, 1])
+    spec = json.loads(open(grid).read())
+    spec.update(borrow={"full-rank": "other/dense", "c0.2": "other/c0.2"}, curves={"budget": ["b0.5"]})
+    open(grid, "w").write(json.dumps(spec))
+    with pytest.raises(SystemExit, match=r"--only full-rank-s1: g borrows full-rank from other/dense, which trains "
+                                         r"it: .venv/bin/python benchmarks/experiments.py other.yaml --only dense-s1"):
+        experiments.main([grid, "--only", "full-rank-s1"])
+    experiments.main([grid, "--workers", "2"])
+    assert sorted(c.split()[1] for c in calls(tmp_path, "g")) == ["runs/g/b0.5-s0", "runs/g/b0.5-s1"]
+    assert calls(tmp_path, "other") == []
+    assert not (tmp_path / "docs" / "g" / "full-rank-s0").exists()   # read where it is, not copied
+    report = (tmp_path / "docs" / "g.md").read_text()
+    assert "| full-rank | 1 | 90.00 |" in report and "| c0.2 | 1 | 70.00 |" in report
+    assert "| b0.5 | 2 | 55.00 ± 7.07 |" in report
+    assert "- `full-rank`: borrowed from `other/dense` (trained by `other.yaml`; not finished for seed 1): " \
+           "`method=\"full-rank\"`" in report
+    assert "![test top-1 against stored parameters](g/top1_vs_stored.png)" in report
+    assert (tmp_path / "docs" / "g" / "top1_vs_stored.png").stat().st_size > 1000
+
+
+def test_bad_borrow_and_curves_are_clear_errors(experiments, tmp_path):
+    write_grid(tmp_path, "other", {"dense": {}, "c0.2": {}})
+
+    def grid_with(**keys):
+        path = write_grid(tmp_path, "g", {"a": {}})
+        spec = json.loads(open(path).read())
+        open(path, "w").write(json.dumps({**spec, **keys}))
+        return path
+
+    for borrow, problem in (({"d": "dense"}, r"d: 'dense' is not OTHER_GRID/GROUP"),
+                            ({"d": "nope/dense"}, r"d: no grid nope \(.*nope.yaml does not exist\); the grids: g, "
+                                                  r"other"),
+                            ({"d": "other/sparse"}, r"d: grid other trains no group sparse; its groups: dense, c0.2"),
+                            ({"a": "other/dense"}, r"a is also a group trained by this grid")):
+        with pytest.raises(SystemExit, match=r"g.yaml: borrow: " + problem):
+            experiments.main([grid_with(borrow=borrow), "--report"])
+    with pytest.raises(SystemExit, match=r"g.yaml: curves: cutoff sweep: no group 'c0.3' in this grid; its groups: "
+                                         r"d, a"):
+        experiments.main([grid_with(borrow={"d": "other/dense"}, curves={"cutoff sweep": ["a", "c0.3"]}), "--report"])
