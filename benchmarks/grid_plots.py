@@ -115,7 +115,7 @@ def render(metric: Metric, curves: dict, front: Frontier, folder: str) -> list[s
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = plt.get_cmap("tab20").colors
+    colors = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20").colors      # distinct colours while they last
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for k, (group, runs) in enumerate(curves.items()):
         for i, (seconds, values) in enumerate(runs):
@@ -141,6 +141,7 @@ def render(metric: Metric, curves: dict, front: Frontier, folder: str) -> list[s
         ax.axhline(value, color=colors[k % 10], ls="--", lw=1, label=f"{group} (no factored layer)")
         ax.annotate(group, (0.0, value), xycoords=("axes fraction", "data"), textcoords="offset points",
                     xytext=(4, 3), fontsize=7, color=colors[k % 10])
+    ax.margins(0.08)                                                     # room for the points' names
     ax.set(xlabel="stored parameters of the factored layers, % of the dense weights they replace",
            ylabel=f"final {metric.label}", title=f"{metric.title} against stored parameters")
     _finish(ax)
