@@ -187,10 +187,12 @@ def write_report(grid: dict) -> str:
         folders = [folder for folder in (run.finished_dir() for run in runs) if folder is not None]
         if folders:
             finished[group] = folders
+    reference = grid["reference"] if grid["reference"] in finished else None     # the time ratio once it ran
     lines = [f"# {os.path.basename(grid['report']).removesuffix('.md')}", "",
              f"Grid `{os.path.relpath(grid['path'], ROOT)}` on `{grid['base']}`; produced by", "",
              "```bash", f".venv/bin/python benchmarks/experiments.py {os.path.relpath(grid['path'], ROOT)}", "```", "",
-             "## Mean ± std over seeds", "", aggregate_table(finished) if finished else "(no finished run yet)", "",
+             "## Mean ± std over seeds", "",
+             aggregate_table(finished, reference) if finished else "(no finished run yet)", "",
              "## Every run", "",
              compare_table([d for dirs in finished.values() for d in dirs]) if finished else "(none)", ""]
     if finished:

@@ -1,9 +1,11 @@
 """Read a grid file of benchmarks/experiments.py and check its optional keys: ``borrow`` (groups whose runs another
-grid trains, shown on this grid's page) and ``curves`` (groups drawn as one line on the stored-fraction figure).
+grid trains, shown on this grid's page), ``curves`` (groups drawn as one line on the stored-fraction figure) and
+``reference`` (the group whose mean training time the page's "time ÷" column divides by).
 
     borrow: {full-rank: lm_tune/full-rank-lr1e-3}        # GROUP here: OTHER_GRID/GROUP there (a grid file next to
                                                          # this one, its name without .yaml)
     curves: {cutoff sweep: [c0.05, c0.1, c0.15], budget: [b0.5, b0.25, b0.1]}
+    reference: full-rank
 """
 from __future__ import annotations
 
@@ -23,10 +25,16 @@ def read_grid(path: str) -> dict:
 
 def load_grid(path: str) -> dict:
     """:func:`read_grid`, its borrowed groups resolved in ``borrowed`` (``{GROUP: (other grid, its GROUP)}``) and its
-    ``curves`` checked (``{}`` when absent); a bad ``borrow`` or ``curves`` is a SystemExit naming the fix."""
+    ``curves`` and ``reference`` checked (``{}`` and ``None`` when absent); a bad ``borrow``, ``curves`` or
+    ``reference`` is a SystemExit naming the fix."""
     grid = read_grid(path)
     grid["borrowed"] = borrowed_groups(grid)
     grid["curves"] = checked_curves(grid)
+    known = [*grid["borrowed"], *grid["groups"]]
+    grid["reference"] = grid.get("reference")
+    if grid["reference"] is not None and grid["reference"] not in known:
+        raise SystemExit(f"{grid['path']}: reference: no group {grid['reference']!r} in this grid; its groups: "
+                         f"{', '.join(known)}")
     return grid
 
 

@@ -269,8 +269,8 @@ def test_aggregate_table_gives_mean_and_std_over_seeds(tmp_path):
                                                     "peak_rss_mb": 500}))
         dirs.append(str(d))
     rows = aggregate_table({"three": dirs, "one": dirs[:1]}).splitlines()
-    assert rows[2] == "| three | 3 | 82.00 ± 2.00 | 21.0 ± 1.0 | 150.0 ± 0.0 | 20 ± 10 | 500 ± 0 |"
-    assert rows[3] == "| one | 1 | 80.00 | 20.0 | 150.0 | 10 | 500 |"
+    assert rows[2] == "| three | 3 | 82.00 ± 2.00 | 21.0 ± 1.0 | 150.0 ± 0.0 | — | 20 ± 10 | 500 ± 0 |"
+    assert rows[3] == "| one | 1 | 80.00 | 20.0 | 150.0 | — | 10 | 500 |"
     rows = aggregate_table({"three": dirs, "one": dirs[:1]}, reference="one").splitlines()
     assert rows[0].endswith("| train s | time ÷ one | peak MB |")
     assert rows[2].endswith("| 20 ± 10 | 2.00 | 500 ± 0 |") and rows[3].endswith("| 10 | 1.00 | 500 |")

@@ -181,7 +181,8 @@ def test_a_grid_borrows_runs_another_grid_trains(experiments, tmp_path):
                                       .replace('"top1": 0.9', '"top1": 0.7'))
     grid = write_grid(tmp_path, "g", {"b0.5": {"method": "oialr", "oialr": {"stored_budget": 0.5}}}, seeds=[0, 1])
     spec = json.loads(open(grid).read())
-    spec.update(borrow={"full-rank": "other/dense", "c0.2": "other/c0.2"}, curves={"budget": ["b0.5"]})
+    spec.update(borrow={"full-rank": "other/dense", "c0.2": "other/c0.2"}, curves={"budget": ["b0.5"]},
+                reference="full-rank")
     open(grid, "w").write(json.dumps(spec))
     with pytest.raises(SystemExit, match=r"--only full-rank-s1: g borrows full-rank from other/dense, which trains "
                                          r"it: .venv/bin/python benchmarks/experiments.py other.yaml --only dense-s1"):
@@ -193,6 +194,7 @@ def test_a_grid_borrows_runs_another_grid_trains(experiments, tmp_path):
     report = (tmp_path / "docs" / "g.md").read_text()
     assert "| full-rank | 1 | 90.00 |" in report and "| c0.2 | 1 | 70.00 |" in report
     assert "| b0.5 | 2 | 55.00 ± 7.07 |" in report
+    assert "| train s | time ÷ full-rank | peak MB |" in report            # whole-run time against the reference
     assert "- `full-rank`: borrowed from `other/dense` (trained by `other.yaml`; not finished for seed 1): " \
            "`method=\"full-rank\"`" in report
     assert "![test top-1 against stored parameters](g/top1_vs_stored.png)" in report
@@ -218,3 +220,5 @@ def test_bad_borrow_and_curves_are_clear_errors(experiments, tmp_path):
     with pytest.raises(SystemExit, match=r"g.yaml: curves: cutoff sweep: no group 'c0.3' in this grid; its groups: "
                                          r"d, a"):
         experiments.main([grid_with(borrow={"d": "other/dense"}, curves={"cutoff sweep": ["a", "c0.3"]}), "--report"])
+    with pytest.raises(SystemExit, match=r"g.yaml: reference: no group 'full-rank' in this grid; its groups: a"):
+        experiments.main([grid_with(reference="full-rank"), "--report"])

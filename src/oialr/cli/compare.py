@@ -44,20 +44,21 @@ def _rate(value: float | None) -> str:
 
 
 def compare_table(run_dirs: list[str]) -> str:
-    """One row per run: top-1, best top-1, trainable and stored parameters (% of dense), time, peak memory; for
+    """One row per run: top-1, best top-1, trainable and stored parameters (% of dense), the factored layers' stored
+    parameters (% of the weights they replace), time, peak memory; for
     text runs validation bits per byte and tokens per second of each phase instead of top-1
     (:func:`text_compare_table`)."""
     results = [load_results(d) for d in run_dirs]
     if any(_is_text(r) for r in results):
         return text_compare_table(run_dirs, results)
-    header = ("run", "method", "model", "top1", "best top1", "trainable %", "stored %", "switched at step",
-              "train s", "peak MB")
+    header = ("run", "method", "model", "top1", "best top1", "trainable %", "stored %", "factored stored %",
+              "switched at step", "train s", "peak MB")
     rows = []
     for run_dir, r in zip(run_dirs, results):
         dense = r["dense_params"]
         rows.append((os.path.basename(os.path.normpath(run_dir)), r["method"], r["model"], f"{r['top1']:.4f}",
                      f"{r['best_top1']:.4f}", f"{100 * r['trainable_params'] / dense:.1f}",
-                     f"{100 * r['stored_params'] / dense:.1f}",
+                     f"{100 * r['stored_params'] / dense:.1f}", _percent(factored_stored_fraction(r)),
                      "—" if r.get("transition_step") is None else str(r["transition_step"]),
                      f"{r['train_seconds']:.1f}",
                      f"{r['peak_rss_mb']:.0f}"))
@@ -108,9 +109,9 @@ def epoch_table(run_dirs: list[str], key: str = "test_top1") -> str:
 
 def aggregate_table(groups: dict[str, list[str]], reference: str | None = None) -> str:
     """One row per group of runs (e.g. seeds): mean ± std of top-1 (text: val bits per byte, and tokens/s per
-    phase), trainable %, stored %, time, peak memory (the value alone for a group of one run). With ``reference``
-    (one of the groups, e.g. full-rank), a column ``time ÷ REFERENCE``: each group's mean training seconds over the
-    reference group's."""
+    phase), trainable %, stored %, the factored layers' stored % of the weights they replace, time, peak memory
+    (the value alone for a group of one run). With ``reference`` (one of the groups, e.g. full-rank), a column
+    ``time ÷ REFERENCE``: each group's mean training seconds over the reference group's."""
     loaded = {name: [load_results(d) for d in run_dirs] for name, run_dirs in groups.items()}
     if reference is not None and reference not in loaded:
         raise ConfigError(f"reference group {reference!r} has no finished run; groups: {', '.join(loaded)}")
@@ -119,7 +120,7 @@ def aggregate_table(groups: dict[str, list[str]], reference: str | None = None) 
         header = ("runs", "n", "val bpb", "trainable %", "stored %", "factored stored %", "tok/s full-rank",
                   "tok/s low-rank", "train s", "peak MB")
     else:
-        header = ("runs", "n", "top1", "trainable %", "stored %", "train s", "peak MB")
+        header = ("runs", "n", "top1", "trainable %", "stored %", "factored stored %", "train s", "peak MB")
     if reference is not None:
         header = (*header[:-1], f"time ÷ {reference}", header[-1])
         reference_seconds = statistics.mean(r["train_seconds"] for r in loaded[reference])
@@ -136,8 +137,8 @@ def aggregate_table(groups: dict[str, list[str]], reference: str | None = None) 
         score = stat([r.get("val_bpb") for r in results], ".4f") if text else \
             stat([100 * r["top1"] for r in results], ".2f")
         rates = (stat([_scaled(factored_stored_fraction(r), 100) for r in results], ".1f"),
-                 stat([r.get("tokens_per_second_full_rank") for r in results], ",.0f"),
-                 stat([r.get("tokens_per_second_low_rank") for r in results], ",.0f")) if text else ()
+                 *((stat([r.get("tokens_per_second_full_rank") for r in results], ",.0f"),
+                    stat([r.get("tokens_per_second_low_rank") for r in results], ",.0f")) if text else ()))
         ratio = () if reference is None else \
             (f"{statistics.mean(r['train_seconds'] for r in results) / reference_seconds:.2f}",)
         rows.append((name, str(len(results)), score,
