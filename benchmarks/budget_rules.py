@@ -1,89 +1,157 @@
-"""Which rule should spread a size budget over layers? One-shot truncation of a trained MNIST-1D model to each
-``stored_budget``: test loss and accuracy with the ranks of
+"""Which rule should spread a size budget over layers? One-shot truncation of a trained model to each
+``stored_budget``, then its loss (lower is better), with the ranks of
 
-- ``energy/param`` (oialr.budget.allocate_ranks): value ``s_i²/Σ s²`` per stored parameter ``m+n+2r+1``;
-- ``s/s1/param``: value ``s_i/s_1`` (the ``cutoff`` scale) per stored parameter;
-- ``s/s1``: value ``s_i/s_1``, cost ignored (a global cutoff at the budget);
+- ``minimax`` (oialr.budget.allocate_ranks): the largest relative energy any layer loses, minimised;
+- ``energy/param``: value ``s_i²/Σ s²`` per stored parameter ``m+n+2r+1`` (the summed relative energy lost,
+  minimised; oialr's rule until 2026-12-02);
+- ``size*energy/param``, ``sqrt-size*energy/param``: the same, each layer weighted by ``m·n`` or ``√(m·n)``;
+- ``fisher/param``: the loss increase a cut predicts, ``s_i² F_ii`` with ``F_ii = Σ_jk U_ji² a_jk V_ki²`` from
+  Adam's second moments ``a`` of the weight, per stored parameter;
+- ``s/s1/param``: value ``s_i/s_1`` (the ``cutoff`` scale) per stored parameter; ``s/s1``: the same, cost ignored;
 - ``uniform``: one rank fraction for every layer, the largest that fits.
 
-Run: ``PYTHONPATH=src .venv/bin/python benchmarks/budget_rules.py [--model cnn] [--epochs 10]``."""
+Run, on an MNIST-1D model it trains first, or on the dense weights of a run's checkpoint (any dataset; a full-rank
+run, or one still in its warm-up)::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/budget_rules.py [--model cnn] [--epochs 10]
+    PYTHONPATH=src .venv/bin/python benchmarks/budget_rules.py --checkpoint runs/X/checkpoint.pt --budgets 0.3 0.1
+"""
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
 
 from oialr import OIALRConfig, find_layers, linalg
 from oialr.budget import allocate_ranks, greedy_ranks, marginal_cost, stored_fraction
-from oialr.cli.data import load_mnist1d
+from oialr.cli.checkpoint import read_checkpoint, resumed_config
+from oialr.cli.data import load_dataset, load_mnist1d
+from oialr.cli.evaluation import evaluate
 from oialr.cli.models import build_model
+from oialr.cli.tasks import is_text, make_loaders
 from oialr.targets import layer_weight
 
 
-def greedy(spectra, shapes, budget, worth):
-    """oialr.budget.greedy_ranks (floors 1, caps full) with ``worth(s, i, cost)`` as the score of value ``i``."""
-    return greedy_ranks(lambda j, i: worth(spectra[j], i, marginal_cost(*shapes[j], i)), shapes, budget,
-                        [1] * len(shapes), [s.numel() for s in spectra])
+class Layers:
+    """The eligible layers of a trained model: SVDs, shapes, and Adam's second moments of their weights."""
+
+    def __init__(self, model, optimizer):
+        self.names = [info.name for info in find_layers(model, OIALRConfig()) if info.convert]
+        weights = [layer_weight(model, name)[1] for name in self.names]
+        self.svds = [linalg.svd(linalg.matrix_view(w.detach())) for w in weights]
+        self.shapes = [tuple(u.shape[:1] + v.shape[:1]) for u, _, v in self.svds]
+        self.spectra = [s for _, s, _ in self.svds]
+        self.fisher = [_fisher_diagonal(u, v, optimizer.state[w]["exp_avg_sq"]) for (u, _, v), w in
+                       zip(self.svds, weights)]
+
+    def greedy(self, budget, score):
+        """greedy_ranks (floors 1, caps full) with ``score(s, i, cost, m·n, F)`` as the score of value ``i``."""
+        return greedy_ranks(lambda j, i: score(self.spectra[j], i, marginal_cost(*self.shapes[j], i),
+                                               self.shapes[j][0] * self.shapes[j][1], self.fisher[j]),
+                            self.shapes, budget, [1] * len(self.shapes), [s.numel() for s in self.spectra])
+
+    def uniform(self, budget):
+        best = [1] * len(self.shapes)
+        for step in range(1, 1001):
+            ranks = [max(1, int(step / 1000 * s.numel())) for s in self.spectra]
+            if stored_fraction(self.shapes, ranks) <= budget:
+                best = ranks
+        return best
 
 
-def uniform(spectra, shapes, budget):
-    best = [1] * len(shapes)
-    for step in range(1, 1001):
-        ranks = [max(1, int(step / 1000 * s.numel())) for s in spectra]
-        if stored_fraction(shapes, ranks) <= budget:
-            best = ranks
-    return best
+def _fisher_diagonal(u, v, second_moment):
+    """``F_ii = Σ_jk U_ji² a_jk V_ki²``: Adam's ``a = E[g²]`` seen along each singular direction ``u_i v_iᵀ``."""
+    a = linalg.matrix_view(second_moment).double()
+    return (((u.double() ** 2).mT @ a) * (v.double() ** 2).mT).sum(1)
+
+
+def _energy(s, i):
+    return float(s[i] ** 2 / (s ** 2).sum())
 
 
 RULES = {
-    "energy/param": lambda sp, sh, b: allocate_ranks(sp, sh, b, [1] * len(sh), [s.numel() for s in sp]),
-    "s/s1/param": lambda sp, sh, b: greedy(sp, sh, b, lambda s, i, c: float(s[i] / s[0]) / c),
-    "s/s1": lambda sp, sh, b: greedy(sp, sh, b, lambda s, i, c: float(s[i] / s[0])),
-    "uniform": uniform,
+    "minimax": lambda layers, b: allocate_ranks(layers.spectra, layers.shapes, b, [1] * len(layers.shapes),
+                                                [s.numel() for s in layers.spectra]),
+    "energy/param": lambda layers, b: layers.greedy(b, lambda s, i, c, mn, f: _energy(s, i) / c),
+    "size*energy/param": lambda layers, b: layers.greedy(b, lambda s, i, c, mn, f: mn * _energy(s, i) / c),
+    "sqrt-size*energy/param": lambda layers, b: layers.greedy(b, lambda s, i, c, mn, f: mn ** 0.5 * _energy(s, i) / c),
+    "fisher/param": lambda layers, b: layers.greedy(b, lambda s, i, c, mn, f: float(s[i] ** 2 * f[i]) / c),
+    "s/s1/param": lambda layers, b: layers.greedy(b, lambda s, i, c, mn, f: float(s[i] / s[0]) / c),
+    "s/s1": lambda layers, b: layers.greedy(b, lambda s, i, c, mn, f: float(s[i] / s[0])),
+    "uniform": lambda layers, b: layers.uniform(b),
 }
 
 
-def evaluate(model, split):
-    with torch.no_grad():
-        logits = model(split.x)
-    return F.cross_entropy(logits, split.y).item(), (logits.argmax(1) == split.y).float().mean().item()
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mlp")
-    parser.add_argument("--epochs", type=int, default=10)
-    args = parser.parse_args(argv)
+def trained_mnist1d(model_name, epochs):
+    """An MNIST-1D model trained with AdamW, its optimizer, its test-loss function and a description."""
     torch.manual_seed(0)
     data = load_mnist1d()
-    kwargs = {"depth": 3} if args.model == "mlp" else {}
-    model = build_model(args.model, data.input_shape, data.num_classes, **kwargs)
+    kwargs = {"depth": 3} if model_name == "mlp" else {}
+    model = build_model(model_name, data.input_shape, data.num_classes, **kwargs)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(args.epochs):
+    for _ in range(epochs):
         for idx in torch.randperm(len(data.train)).split(128):
             opt.zero_grad()
             F.cross_entropy(model(data.train.x[idx]), data.train.y[idx]).backward()
             opt.step()
-    names = [info.name for info in find_layers(model, OIALRConfig()) if info.convert]
-    mats = [linalg.matrix_view(layer_weight(model, name)[1].detach()) for name in names]
-    svds = [linalg.svd(w) for w in mats]
-    shapes = [tuple(w.shape) for w in mats]
-    loss, acc = evaluate(model, data.test)
-    print(f"{args.model} on MNIST-1D, {args.epochs} epochs, layers {shapes}: dense test loss {loss:.3f}, "
-          f"accuracy {acc:.3f}")
-    print("| budget | rule | ranks | stored | test loss | accuracy |\n|---|---|---|---|---|---|")
-    for budget in (0.5, 0.25, 0.1):
+
+    def loss(m):
+        with torch.no_grad():
+            return F.cross_entropy(m(data.test.x), data.test.y).item()
+    return model, opt, loss, f"{model_name} on MNIST-1D, {epochs} epochs, test loss"
+
+
+def from_checkpoint(path):
+    """The dense model of an ``oialr train`` checkpoint, its AdamW state, its evaluation-loss function (val bits
+    per byte for text) and a description."""
+    state = read_checkpoint(path)
+    if state["controller"] and state["controller"].get("transition_step") is not None:
+        raise SystemExit(f"{path}: the run is already factored; give a full-rank run's checkpoint (or one taken "
+                         "during the warm-up)")
+    cfg = resumed_config(state, path, None, None)
+    data = load_dataset(cfg.dataset, cfg.data_dir, context_length=cfg.context_length)
+    model = build_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_args)
+    model.load_state_dict(state["model"])
+    opt = torch.optim.AdamW(model.parameters())
+    opt.load_state_dict(state["optimizer"])
+    loader = make_loaders(data, cfg, 0, 1)[1]
+    text = is_text(data)
+
+    def loss(m):
+        with torch.no_grad():
+            value = evaluate(m, loader, torch.device("cpu"))[0]
+        return value / math.log(2) if text else value
+    return model, opt, loss, f"{cfg.model} on {cfg.dataset} at step {state['step']}, " + \
+        ("val bits per byte" if text else "test loss")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mlp", help="MNIST-1D model to train: mlp or cnn")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--checkpoint", help="an oialr train checkpoint.pt to truncate instead")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.25, 0.1])
+    args = parser.parse_args(argv)
+    model, opt, loss, what = from_checkpoint(args.checkpoint) if args.checkpoint else \
+        trained_mnist1d(args.model, args.epochs)
+    model.eval()
+    layers = Layers(model, opt)
+    print(f"{what}: dense {loss(model):.4f}; {len(layers.shapes)} layers")
+    print("| budget | rule | ranks (min-max) | stored | loss |\n|---|---|---|---|---|")
+    for budget in args.budgets:
         for rule, allocate in RULES.items():
-            ranks = allocate([s for _, s, _ in svds], shapes, budget)
+            ranks = allocate(layers, budget)
             cut = copy.deepcopy(model)
             with torch.no_grad():
-                for name, (u, s, v), r in zip(names, svds, ranks):
+                for name, (u, s, v), r in zip(layers.names, layers.svds, ranks):
                     weight = layer_weight(cut, name)[1]
                     weight.copy_((u[:, :r] * s[:r] @ v[:, :r].mT).view_as(weight))
-            loss, acc = evaluate(cut, data.test)
-            print(f"| {budget} | {rule} | {ranks} | {stored_fraction(shapes, ranks):.3f} | {loss:.3f} | {acc:.3f} |")
+            shown = ranks if len(ranks) <= 6 else f"{min(ranks)}-{max(ranks)}"
+            print(f"| {budget} | {rule} | {shown} | {stored_fraction(layers.shapes, ranks):.3f} | "
+                  f"{loss(cut):.4f} |", flush=True)
 
 
 if __name__ == "__main__":

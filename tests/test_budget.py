@@ -41,6 +41,16 @@ def test_allocation_favours_the_layer_whose_energy_is_concentrated():
     assert _within_one_step([(16, 16)] * 2, ranks, [16, 16], 0.5)
 
 
+def test_allocation_spreads_the_error_evenly_over_layers_of_different_cost():
+    """Flat spectra in a 64x16 and a 16x16 layer: each keeps the same share of its energy (r/16), although a value
+    of the wide layer costs 2.4x more; ranking values by energy per stored parameter would leave the wide layer at
+    rank 1 and give the narrow one 10."""
+    flat = torch.ones(16)
+    ranks = allocate_ranks([flat, flat], [(64, 16), (16, 16)], 0.4, [1, 1], [16, 16])
+    assert ranks == [4, 4]
+    assert _within_one_step([(64, 16), (16, 16)], ranks, [16, 16], 0.4)
+
+
 def test_allocation_respects_floors_and_caps():
     spectra = [torch.linspace(1, 0.1, 16)] * 2
     assert allocate_ranks(spectra, [(16, 16)] * 2, 1.0, [1, 1], [3, 16])[0] == 3              # capped
