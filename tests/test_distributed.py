@@ -52,10 +52,10 @@ def all_equal(value: int) -> bool:
     return -t[0].item() == t[1].item()
 
 def _spawn(fn, *args):
-    """Run ``fn(rank, 2, *args)`` in 2 processes forked from a server that imported torch and this module once
+    """Run ``fn(rank, 2, *args)`` in 2 processes forked from a server that imported torch and ``fn``'s module once
     (4 fresh interpreters would spend most of these tests importing torch)."""
     context = mp.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "oialr.cli.start", __name__])
+    context.set_forkserver_preload(["torch", "oialr.cli.start", fn.__module__])
     mp.start_processes(fn, args=(2, *args), nprocs=2, start_method="forkserver")
 
 

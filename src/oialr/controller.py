@@ -1,6 +1,7 @@
 """OIALR: the training controller — full-rank warm-up, transition to ``U Σ Vᵀ``, periodic basis updates."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -57,6 +58,11 @@ class OIALR:
     ``U``, ``Σ``, ``V``, the ranks and the rotations are identical on every process. Pass the bare model and
     ``wrap=lambda m: DistributedDataParallel(m, ...)``, and run the forward through :attr:`wrapped_model`: the
     wrapper is rebuilt only when the controller creates new Parameter objects (see ``docs/DISTRIBUTED.md``).
+    Sharded instead (FSDP2): shard the model with :func:`oialr.sharding.shard_targets` (every converted layer its
+    own unit, then the root), build the optimizer, and pass ``shard=fully_shard`` (or the ``functools.partial`` of
+    it that sharded the model): each layer is gathered whole only while the controller changes it, and a layer whose
+    Parameters change becomes a new unit (:mod:`oialr.sharding`). Not with ``stored_budget``, ``augment_bases`` or
+    ``warmup_steps="auto"``.
 
     ``tracker``: with ``warmup_steps="auto"``, a :class:`oialr.StabilityTracker` you already step (before
     ``ctl.step()``) to record stability for the whole run; the transition then reads its samples of the layers to
@@ -68,7 +74,7 @@ class OIALR:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: OIALRConfig | None = None, *,
                  wrap: Callable[[nn.Module], nn.Module] | None = None, tracker: StabilityTracker | None = None,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, shard: Callable[[nn.Module], nn.Module] | None = None):
         self._wrapper = Rewrapped(model, wrap)          # refuses a model that is itself a DDP wrapper
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -84,6 +90,7 @@ class OIALR:
             if optim_state.find_group(optimizer, layer_weight(model, name)[1]) is None:
                 raise ValueError(f"the weight of layer {name!r} trains (requires_grad=True) but is not in the "
                                  "optimizer; add it to the optimizer or list the layer in exclude_modules")
+        self._sharded = None if shard is None else _sharded_layers(model, self.targets, self.config, shard, wrap)
         if self.config.stored_budget is not None:
             budget.check_budget([i.shape for i in self.layer_infos if i.convert], self.config.stored_budget,
                                 self.config.min_rank)
@@ -162,25 +169,26 @@ class OIALR:
         fresh transition first checks every weight (:func:`oialr.health.check_layers`: finite, not all zero) and
         raises :class:`oialr.DegenerateStateError` before changing any."""
         if ranks is None:
-            health.check_weights(self.model, self.targets, self.step_count)
+            health.check_weights(self.model, self.targets, self.step_count, shards=self._sharded is not None)
         optim_state.warn_if_unknown(self.optimizer)
         chosen = basis_updates.transition_ranks(self.model, self.targets, self.config) if ranks is None else None
         for name in self.targets:
-            module, weight = layer_weight(self.model, name)
-            matrix = as_matrix(module, weight)
-            if ranks is not None:
-                factors = placeholder_factors(*matrix.shape, ranks[name], like=weight)
-            else:                                       # process 0's SVD, adopted by every process
-                factors = transition_factors(matrix, self.config, chosen and chosen[name]) \
-                    if distributed.is_source() else None
-                factors = distributed.broadcast_factors(factors, matrix.shape, like=weight)
-            layer = convert_layer(self.model, name, factors)[1]
-            if self.config.train_bases:
-                layer.lowrank_U.requires_grad_(True)
-                layer.lowrank_V.requires_grad_(True)
-            optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S, layer.lowrank_U, layer.lowrank_V,
-                                      lambda t, module=module: as_matrix(module, t))
-            del module, weight, matrix, factors
+            with self._gathered(name):                  # sharded: this layer's full values, sharded again after
+                module, weight = layer_weight(self.model, name)
+                matrix = as_matrix(module, weight)
+                if ranks is not None:
+                    factors = placeholder_factors(*matrix.shape, ranks[name], like=weight)
+                else:                                   # process 0's SVD, adopted by every process
+                    factors = transition_factors(matrix, self.config, chosen and chosen[name]) \
+                        if distributed.is_source() else None
+                    factors = distributed.broadcast_factors(factors, matrix.shape, like=weight)
+                layer = convert_layer(self.model, name, factors)[1]
+                if self.config.train_bases:
+                    layer.lowrank_U.requires_grad_(True)
+                    layer.lowrank_V.requires_grad_(True)
+                optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S, layer.lowrank_U, layer.lowrank_V,
+                                          lambda t, module=module: as_matrix(module, t))
+                del module, weight, matrix, factors, layer
         self._wrapper.invalidate()                      # new Parameters: the wrapper is rebuilt on next use
         self.transition_step = self.step_count
         self.transition_reason = reason
@@ -196,13 +204,26 @@ class OIALR:
         ``Σ``, ``V`` are checked first (finite, none all zero): :class:`oialr.DegenerateStateError`, and no layer
         changed, otherwise."""
         layers = self.lowrank_layers()
-        health.check_factors(layers, self.step_count)
+        health.check_factors(layers, self.step_count, shards=self._sharded is not None)
         optim_state.warn_if_unknown(self.optimizer)
+        if self._sharded is not None:                   # one layer at a time (no budget: the layers are independent)
+            for name in layers:
+                with self._gathered(name) as layer:
+                    self.cut_ranks[name] = basis_updates.update_all({name: layer}, self.optimizer, self.config,
+                                                                    None)[1][name]
+            return
         grads = self._recorder.stop() if self._recorder is not None else {}
         replaced, self.cut_ranks = basis_updates.update_all(layers, self.optimizer, self.config,
                                                             grads if grow and self._recorder is not None else None)
         if replaced:
             self._wrapper.invalidate()
+
+    def _gathered(self, name: str):
+        """Sharded: the layer ``name`` with full values inside the block (:meth:`oialr.sharding.ShardedLayers.
+        gathered`); else the factored layer as it is (None before the transition)."""
+        if self._sharded is None:
+            return nullcontext(self.lowrank_layers().get(name))
+        return self._sharded.gathered(name, self.optimizer)
 
     # ------------------------------------------------------------------ reporting
     def summary(self) -> dict[str, Any]:
@@ -271,12 +292,31 @@ class OIALR:
             self._recorder.stop()
         if state["transition_step"] is not None and self.transition_step is None:
             self.transition(state["transition_reason"], ranks)
-        elif state["transition_step"] is not None and basis_updates.restore_ranks(
-                self.lowrank_layers(), self.optimizer, ranks, self.config.train_bases):
-            self._wrapper.invalidate()
+        elif state["transition_step"] is not None:
+            for name, layer in self.lowrank_layers().items():
+                if layer.rank != ranks[name]:
+                    with self._gathered(name) as layer:
+                        if basis_updates.restore_ranks({name: layer}, self.optimizer, ranks, self.config.train_bases):
+                            self._wrapper.invalidate()
         self.step_count = state["step"]
         self.transition_step = state["transition_step"]
         self.transition_reason = state["transition_reason"]
         self.dense_trainable_params = state["dense_trainable_params"]
         self.cut_ranks = dict(state.get("cut_ranks", ranks))
         self._record_before_update()
+
+
+def _sharded_layers(model: nn.Module, targets: list[str], config: OIALRConfig, shard, wrap):
+    """The :class:`oialr.sharding.ShardedLayers` of ``shard=``, after refusing what it does not support (imported
+    only here: training without ``shard`` never loads FSDP)."""
+    if wrap is not None:
+        raise ValueError("pass wrap= (a wrapper such as DDP) or shard= (FSDP2), not both")
+    unsupported = [name for name, on in (("stored_budget", config.stored_budget is not None),
+                                         ("augment_bases", config.augment_bases),
+                                         ('warmup_steps="auto"', config.warmup_steps == "auto")) if on]
+    if unsupported:
+        raise ValueError(f"OIALR with shard= (FSDP2) does not support {', '.join(unsupported)}: they read every "
+                         "layer at once (or hook the gathered bases); train with DDP (wrap=oialr.distributed.ddp) "
+                         "or leave them unset")
+    from .sharding import ShardedLayers
+    return ShardedLayers(model, targets, shard)

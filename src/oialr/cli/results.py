@@ -6,7 +6,6 @@ import resource
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from .. import distributed
 from . import tasks
@@ -16,9 +15,10 @@ if TYPE_CHECKING:
     from .run import TrainingRun
 
 
-def run_results(run: TrainingRun, compact: nn.Module) -> dict[str, Any]:
-    """``run``'s results, with ``compact`` its model as plain torch layers. Distributed: every process calls this
-    (the peak memory is the largest process's)."""
+def run_results(run: TrainingRun, compact_params: int) -> dict[str, Any]:
+    """``run``'s results, with ``compact_params`` the parameters of its model as plain torch layers
+    (:func:`oialr.compact_lowrank`). Distributed: every process calls this (the peak memory is the largest
+    process's)."""
     final = run.metrics[-1] if run.metrics else {}
     summary = run.controller.summary() if run.controller is not None else None
     text = tasks.is_text(run.data)
@@ -28,7 +28,7 @@ def run_results(run: TrainingRun, compact: nn.Module) -> dict[str, Any]:
         "epochs": run.epoch, "steps": run.step,
         "trainable_params": final.get("trainable_params"), "dense_params": run.dense_params,
         "stored_params": final.get("stored_params"),
-        "compact_params": sum(p.numel() for p in compact.parameters()),
+        "compact_params": compact_params,
         "train_seconds": run.train_seconds,
         **(tasks.throughput(run.phase_seconds, run.phase_samples) if text else {}),
         **({"optimizer_state_params": optimizer_state_params(run.optimizer), "data": run.data.info()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import shutil
 import signal
 import time
 from typing import Any
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import OIALR, StabilityTracker, compact_lowrank, distributed, files
+from .. import OIALR, StabilityTracker, compact_lowrank, distributed, files, structure
 from . import tasks
 from .checkpoint import CHECKPOINT
 from .data import load_dataset
@@ -40,8 +41,10 @@ class TrainingRun:
     end), TensorBoard events when tensorboard is installed.
 
     Under ``torch.distributed`` every process runs this with the same settings: each trains on its shard of every
-    global batch (``batch_size / world_size`` samples) through DDP, sums of metrics are all-reduced, and rank 0
-    alone writes files and logs while the others wait at a barrier.
+    global batch (``batch_size / world_size`` samples) through DDP, or with ``parallel: fsdp`` through the FSDP2
+    layout of :func:`oialr.sharding.shard_targets`; sums of metrics are all-reduced, and rank 0 alone writes files
+    and logs while the others wait at a barrier. With ``parallel: fsdp`` the checkpoint's model and optimizer are
+    a ``torch.distributed.checkpoint`` folder next to ``checkpoint.pt`` (:mod:`oialr.sharded_checkpoint`).
     """
 
     def __init__(self, cfg: TrainConfig, out: str, *, log=print):
@@ -57,6 +60,7 @@ class TrainingRun:
         self.metrics: list[dict] = []
         self._stop_signal: int | None = None
         self.folder: RunFolder | None = None      # rank 0's claim on ``out``, released when train() ends
+        self.sharded = cfg.parallel == "fsdp" and self.world_size > 1
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -87,8 +91,9 @@ class TrainingRun:
         self.model.to(self.device)               # the CPU, or this process's GPU under NCCL
         self.sums = RunningSums(self.device)
         self.dense_params = sum(p.numel() for p in self.model.parameters())
+        shard = _sharded(self.model, cfg) if self.sharded else None   # before the optimizer: new Parameters
         self.optimizer = build_optimizer(cfg, self.model)
-        wrap = distributed.ddp if self.world_size > 1 else None
+        wrap = distributed.ddp if self.world_size > 1 and not self.sharded else None
         if cfg.compile:
             wrap = _compiled(wrap)
         self.tracker = None if cfg.stability_every is None or self.rank != 0 else StabilityTracker(
@@ -102,7 +107,7 @@ class TrainingRun:
                               "oialr.warmup_steps=0.2) or more epochs")
         auto = warmup == "auto"                         # its transition reads the run's series when there is one
         self.controller = OIALR(self.model, self.optimizer, cfg.oialr, wrap=wrap, total_steps=self.total_steps,
-                                tracker=self.tracker if auto else None) if cfg.method == "oialr" \
+                                tracker=self.tracker if auto else None, shard=shard) if cfg.method == "oialr" \
             else peer_controller(cfg, self.model, self.optimizer, wrap)
         self._net = self.model if wrap is None or self.controller is not None else wrap(self.model)
         self.lr_warmup_steps = round(cfg.lr_warmup_epochs * len(self.train_loader))
@@ -115,9 +120,10 @@ class TrainingRun:
         return self.controller.wrapped_model if self.controller is not None else self._net
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self, epoch_sums: dict[str, list] | None = None) -> dict[str, Any]:
+    def state_dict(self, epoch_sums: dict[str, list] | None = None, sharded: str | None = None) -> dict[str, Any]:
         """Everything to resume exactly; ``epoch_sums``: every process's training sums since the last metrics row,
-        ``{"loss": [per process], "correct": [...], "seen": [...]}`` (:meth:`RunningSums.gathered`)."""
+        ``{"loss": [per process], "correct": [...], "seen": [...]}`` (:meth:`RunningSums.gathered`). ``sharded``:
+        the folder (in ``out``) holding the model and optimizer, which are then not in the dict."""
         return {
             "config": self.cfg.to_dict(), "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "step": self.step, "train_seconds": self.train_seconds, "metrics": self.metrics,
@@ -125,24 +131,40 @@ class TrainingRun:
             "epoch_sums": epoch_sums or {k: [v] for k, v in self.sums.plain().items()},
             "controller": None if self.controller is None else self.controller.state_dict(),
             "tracker": None if self.tracker is None else self.tracker.state_dict(),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": None if sharded else self.model.state_dict(),
+            "optimizer": None if sharded else self.optimizer.state_dict(), "sharded": sharded,
             "rng": torch.get_rng_state(),
         }
 
     def save_checkpoint(self) -> str:
-        """Rank 0 writes ``out/checkpoint.pt`` atomically; the other processes wait for it."""
+        """Rank 0 writes ``out/checkpoint.pt`` atomically; the other processes wait for it. ``parallel: fsdp``:
+        every process first writes its shards to a new folder ``out/sharded-<step>-<n>``, which the checkpoint
+        names; the older folders are deleted once it is written."""
         path = os.path.join(self.out, CHECKPOINT)
         sums = self.sums.gathered()                 # every process's partial sums
+        folder = None
+        if self.cfg.parallel == "fsdp":
+            from ..sharded_checkpoint import save_sharded
+            folder = distributed.broadcast_object(_free_name(self.out, f"sharded-{self.step}") if self.rank == 0
+                                                  else None)
+            save_sharded(os.path.join(self.out, folder), self.model, self.optimizer)
         if self.rank == 0:
-            files.save_torch(path, self.state_dict(sums))
+            files.save_torch(path, self.state_dict(sums, folder))
+            for old in os.listdir(self.out) if folder else ():
+                if old.startswith("sharded-") and old != folder:
+                    shutil.rmtree(os.path.join(self.out, old))
         distributed.barrier()
         return path
 
     def load_checkpoint(self, state: dict[str, Any]) -> None:
         if self.controller is not None:           # rebuild the factored layers first, then load their values
             self.controller.load_state_dict(state["controller"])
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if state.get("sharded"):
+            from ..sharded_checkpoint import load_sharded
+            load_sharded(os.path.join(self.out, state["sharded"]), self.model, self.optimizer)
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         if self.tracker is not None:
             self.tracker.load_state_dict(state["tracker"])
         torch.set_rng_state(state["rng"])
@@ -243,7 +265,7 @@ class TrainingRun:
     def _record(self) -> None:
         """Evaluate, append a metrics row (the training loss since the last row), write the files, checkpoint.
         ``epoch`` is the number of completed epochs, or a fraction within one (``eval_every``)."""
-        eval_loss, top1 = evaluate(self.model, self.test_loader, self.device)
+        eval_loss, top1 = evaluate(self.model, self.test_loader, self.device, same_forwards=self.sharded)
         loss, correct, seen = self.sums.totals()
         self.sums = RunningSums(self.device)
         seen = max(seen, 1)
@@ -268,13 +290,44 @@ class TrainingRun:
     # ------------------------------------------------------------------ results
     def results(self) -> dict[str, Any]:
         """The results dict (:func:`oialr.cli.results.run_results`); rank 0 writes it and the final files."""
-        compact = compact_lowrank(copy.deepcopy(self.model)).eval()
-        results = run_results(self, compact)
+        model = self._gathered_model() if self.sharded else self.model     # sharded: on rank 0 only
+        compact = None if model is None else compact_lowrank(copy.deepcopy(model)).eval()
+        compact_params = distributed.broadcast_object(compact and sum(p.numel() for p in compact.parameters()))
+        results = run_results(self, compact_params)
         if self.rank == 0:
-            self.files.final(results, self.metrics, self.model, compact, self.tracker, self.log,
+            self.files.final(results, self.metrics, model, compact, self.tracker, self.log,
                              self.controller.config if isinstance(self.controller, OIALR) else None)
         distributed.barrier()
         return results
+
+    def _gathered_model(self) -> nn.Module | None:
+        """On rank 0, a plain copy of the sharded model (same structure, full values: gathered one tensor at a
+        time to rank 0); None on the other processes."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.rank != 0:
+            return None
+        plain = build_model(self.cfg.model, self.data.input_shape, self.data.num_classes, **self.cfg.model_args)
+        structure.apply(plain, structure.plan(plain, structure.describe(self.model)))
+        plain.load_state_dict(state)
+        return plain.train(self.model.training)
+
+
+def _sharded(model: nn.Module, cfg: TrainConfig):
+    """Shard ``model`` in the FSDP2 layout OIALR needs (also for ``full-rank``, so that both compare alike); the
+    function that builds a unit. Imported here: other runs never load FSDP."""
+    from torch.distributed.fsdp import fully_shard
+    from ..sharding import shard_targets
+    shard_targets(model, cfg.oialr, fully_shard)
+    return fully_shard
+
+
+def _free_name(folder: str, stem: str) -> str:
+    """``stem-0``, or the first ``stem-<n>`` not yet in ``folder``."""
+    n = 0
+    while os.path.exists(os.path.join(folder, f"{stem}-{n}")):
+        n += 1
+    return f"{stem}-{n}"
 
 
 def _compiled(wrap):

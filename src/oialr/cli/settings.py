@@ -16,6 +16,7 @@ DATASETS = ("mnist1d", "fashion-mnist", "text")
 MODELS = ("mlp", "cnn", "vit", "resnet18", "llama")
 METHODS = ("full-rank", "oialr", "factorized", "svd-finetune", "galore")
 OPTIMIZERS = ("adamw", "sgd")
+PARALLEL = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,11 @@ class TrainConfig:
         waits for the others in a collective before the run ends with an error naming it (a setting of this launch:
         ``--resume`` may change it). compile: train through ``torch.compile(model)``
         (recompiled when the transition or a rank change replaces Σ; evaluation stays eager).
+    parallel: under torchrun, ``ddp`` (every process holds the whole model) or ``fsdp`` (FSDP2: every layer OIALR
+        converts is its own unit, the parameters, gradients and optimizer state sharded by rows; checkpoints are
+        ``torch.distributed.checkpoint`` folders, also with one process); methods ``oialr`` and ``full-rank`` only,
+        without ``compile``, ``stability_every``, ``oialr.stored_budget``, ``oialr.augment_bases`` or
+        ``oialr.warmup_steps: auto`` (``docs/DISTRIBUTED.md``).
         oialr: :class:`oialr.OIALRConfig` fields.
     stability_every: record every layer's basis stability every this many steps for the whole run
         (``stability.jsonl``/``.csv``, plots by ``oialr stability DIR``); ``null`` = off. stability_lag: compare each
@@ -70,6 +76,7 @@ class TrainConfig:
     threads: int | None = None
     dist_timeout: float = 300.0
     compile: bool = False
+    parallel: str = "ddp"
     stability_every: int | None = None
     stability_lag: int = 1
     context_length: int = 256
@@ -148,6 +155,16 @@ def _errors(cfg: TrainConfig) -> list[str]:
           f"stability_every/stability_lag ({cfg.stability_every}/{cfg.stability_lag}) must equal oialr.auto.every/"
           f"lag ({auto.every}/{auto.lag}): the automatic transition reads the run's stability series; set both alike")
     number("dist_timeout", 0, 86400, low_open=True)
+    check(cfg.parallel in PARALLEL, f"parallel must be one of {', '.join(PARALLEL)}, got {cfg.parallel!r}")
+    if cfg.parallel == "fsdp":
+        clashes = [what for what, on in (
+            (f"method {cfg.method!r} (fsdp trains oialr or full-rank)", cfg.method not in ("oialr", "full-rank")),
+            ("compile: true", cfg.compile is True), ("stability_every", cfg.stability_every is not None),
+            ("oialr.stored_budget", cfg.oialr.stored_budget is not None),
+            ("oialr.augment_bases", cfg.oialr.augment_bases is True),
+            ("oialr.warmup_steps: auto", cfg.method == "oialr" and cfg.oialr.warmup_steps == "auto")) if on]
+        check(not clashes, f"parallel: fsdp does not support {', '.join(clashes)}; use parallel: ddp or leave "
+                           "them unset")
     check(cfg.threads is None or (is_int(cfg.threads) and cfg.threads >= 1),
           f"threads must be an integer >= 1 or null, got {cfg.threads!r}")
     return errors

@@ -27,6 +27,9 @@ class LowRankConv1D(LowRankLinear):
         """The weight as ``Conv1D`` stores it, ``Wᵀ (n×m)`` (computed; for code that reads ``.weight``)."""
         return self.dense_matrix().mT
 
+    def _like(self, U: Tensor, S: Tensor, V: Tensor) -> LowRankConv1D:
+        return LowRankConv1D(U, S, V, self.bias)
+
     def to_dense(self) -> Conv1D:
         """A ``Conv1D`` with weight ``(U Σ Vᵀ)ᵀ`` and this layer's bias Parameter."""
         S = self.lowrank_S

@@ -126,6 +126,19 @@ class LowRankLayer(nn.Module):
         self.lowrank_V = nn.Parameter(V.to(ref), requires_grad=bases_train)
         return True
 
+    def with_factors(self, U: nn.Parameter, S: nn.Parameter, V: nn.Parameter) -> LowRankLayer:
+        """A new layer of this kind holding the Parameter objects ``U``, ``Σ``, ``V`` themselves (an optimizer may
+        hold them) and this layer's bias Parameter object and settings. For a rank change of a layer sharded by
+        FSDP2, whose units keep the Parameters they were built with (:mod:`oialr.sharding`)."""
+        new = self._like(U, S, V)
+        new.lowrank_U, new.lowrank_S, new.lowrank_V = U, S, V
+        return new.train(self.training)
+
+    def _like(self, U: Tensor, S: Tensor, V: Tensor) -> LowRankLayer:
+        """A layer of this kind with factors ``U``, ``S``, ``V`` and this layer's bias Parameter and settings."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _like, which a rank change under "
+                                  "FSDP2 needs (LowRankLayer.with_factors); implement it, or train with DDP")
+
     def to_compact(self) -> nn.Module:
         """The plain-torch form storing the fewest parameters: two layers, ``Σ Vᵀ (r×n)`` then ``U (m×r)`` (and the
         bias), when ``r·(m + n) < m·n``; else :meth:`to_dense`. Same function as this layer."""

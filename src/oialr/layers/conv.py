@@ -74,6 +74,13 @@ class LowRankConv(LowRankLayer):
                  self.dilation)                                                              # (N, r, *out)
         return conv(h, last.reshape(*last.shape, *(1,) * dims), self.bias)                   # (N, c_out, *out)
 
+    def _like(self, U: Tensor, S: Tensor, V: Tensor) -> LowRankConv:
+        _, cls = _CONV[len(self.kernel_size)]
+        settings = cls(self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+                       padding=self.padding, dilation=self.dilation, bias=False, padding_mode=self.padding_mode,
+                       device="meta")
+        return LowRankConv(U, S, V, self.bias, settings)
+
     def to_dense(self) -> nn.Conv1d:
         """The matching ``nn.ConvNd`` with kernel ``U Σ Vᵀ`` and this layer's bias Parameter."""
         S = self.lowrank_S

@@ -46,6 +46,9 @@ class LowRankLinear(LowRankLayer):
             return F.linear(F.linear(x, S @ V.mT), U, bias)
         return F.linear(x, rebuild(U, S, V), bias)
 
+    def _like(self, U: Tensor, S: Tensor, V: Tensor) -> LowRankLinear:
+        return LowRankLinear(U, S, V, self.bias)
+
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with weight ``U Σ Vᵀ`` and this layer's bias Parameter."""
         S = self.lowrank_S

@@ -1,0 +1,260 @@
+"""OIALR on a model sharded by FSDP2 (``fully_shard``), 2 CPU processes (gloo): training follows one process through
+the transition and rank changes, each shard holds the rows of the single-process tensors, a sharded checkpoint
+resumes bit for bit (and loads into another number of processes), tied weights and a kept-dense layer stay in the
+root unit, and the CLI's ``parallel: fsdp`` reaches the low-rank phase as one process does."""
+import gc
+import json
+import os
+import subprocess
+import sys
+import weakref
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from models import batches
+from oialr import OIALR, OIALRConfig, distributed
+from oialr.sharded_checkpoint import load_sharded, read_extra, save_sharded
+from test_distributed import _init, _spawn, data_dir, tiny  # noqa: F401  (data_dir: a fixture)
+
+STEPS, SAVE_AT = 14, 8           # ranks change before step 8 and at later updates (asserted)
+CONFIG = dict(warmup_steps=3, update_every=2, cutoff=0.3, exclude_modules=["keep"])
+
+
+class Net(nn.Module):
+    """Two converted layers (33 rows: the shards are uneven), a layer kept dense (``exclude_modules``) and two output
+    layers sharing one weight (tied: never converted); the last three live in the root unit."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.mid, self.keep = nn.Linear(16, 33), nn.Linear(33, 24), nn.Linear(24, 24)
+        self.head, self.tied = nn.Linear(24, 4), nn.Linear(24, 4, bias=False)
+        self.tied.weight = self.head.weight
+
+    def forward(self, x):
+        h = F.relu(self.mid(F.relu(self.inp(x))))
+        h = h + torch.tanh(self.keep(h))
+        return self.head(h) + 0.5 * self.tied(h)
+
+
+def _build(world):
+    """Net, AdamW and the controller; sharded (every converted layer a unit, then the root) when ``world > 1``."""
+    from oialr.sharding import shard_targets
+    torch.manual_seed(1)
+    model, config = Net(), OIALRConfig(**CONFIG)
+    shard = None
+    if world > 1:
+        from torch.distributed.fsdp import fully_shard
+        shard = fully_shard
+        shard_targets(model, config, shard)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2, weight_decay=0.01)
+    return model, opt, OIALR(model, opt, config, shard=shard)
+
+
+def _train(rank, world, out=None, resume=False, save_at=SAVE_AT):
+    """``STEPS`` global batches of 16 (``16 / world`` rows per process), from scratch (saving a sharded checkpoint
+    after ``save_at`` into ``out``) or from that checkpoint. Returns the model, optimizer and a log: per step the
+    global loss and the ranks; after the transition whether the root took in the new units."""
+    model, opt, ctl = _build(world)
+    folder = None if out is None else os.path.join(out, f"step{save_at}-w{world}")
+    start = 0
+    if resume:
+        ctl.load_state_dict(read_extra(folder)["controller"])
+        load_sharded(folder, model, opt)
+        start = ctl.step_count
+    log = {"losses": [], "ranks": []}
+    dense = weakref.ref(model.inp) if world > 1 and not resume else None
+    for step, (x, y) in enumerate(batches((16, 16), 4, STEPS, seed=3)[start:], start=start + 1):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x[rank::world]), y[rank::world])
+        loss.backward()
+        opt.step()
+        ctl.step()
+        log["losses"].append(distributed.all_reduce([loss.item() / world])[0])
+        log["ranks"].append({name: layer.rank for name, layer in ctl.lowrank_layers().items()})
+        if dense is not None and step == CONFIG["warmup_steps"] + 1:
+            gc.collect()
+            log["roots"] = {name: model.get_submodule(name)._get_fsdp_state()._is_root for name in ctl.targets}
+            log["units"] = len(model._get_fsdp_state()._state_ctx.all_states)
+            log["old_unit_freed"] = dense() is None
+        if step == save_at and folder is not None and not resume:
+            save_sharded(folder, model, opt, {"controller": ctl.state_dict()})
+            log["saved"] = _full(model, opt)
+    return model, opt, log
+
+
+def _local(tensors: dict) -> dict:
+    return {k: v.to_local() if hasattr(v, "to_local") else v for k, v in tensors.items()}
+
+
+def _full(model, opt) -> dict:
+    """Every parameter and optimizer state entry, whole (gathered when sharded), copied."""
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v.clone()
+            for k, v in {**model.state_dict(), **_optimizer_state(model, opt)}.items()}
+
+
+def _optimizer_state(model, opt) -> dict:
+    """``name.key -> tensor`` of every optimizer state entry (Adam's moments and step), by parameter name."""
+    names = {p: name for name, p in model.named_parameters()}
+    return {f"{names[p]}.{k}": v for p, state in opt.state.items() for k, v in state.items()}
+
+
+def _worker(rank, world, init_file, out, resume):
+    _init(rank, world, init_file)
+    model, opt, log = _train(rank, world, out, resume)
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    torch.save({"log": log, "local": _local(model.state_dict()), "full": full,
+                "optimizer": _local(_optimizer_state(model, opt))},
+               os.path.join(out, f"{'resumed' if resume else 'run'}{rank}.pt"))
+    if resume:                                          # a 1-process checkpoint loads into 2 sharded processes
+        model, opt, ctl = _build(world)
+        one = os.path.join(out, f"step{SAVE_AT}-w1")
+        ctl.load_state_dict(read_extra(one)["controller"])
+        load_sharded(one, model, opt)
+        torch.save(_full(model, opt), os.path.join(out, f"from_one_process{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """2 processes from scratch (checkpoint after SAVE_AT); 1 process likewise (its own checkpoint); then 2 fresh
+    processes resuming from the 2-process checkpoint and loading the 1-process one."""
+    out = str(tmp_path_factory.mktemp("fsdp"))
+    _spawn(_worker, os.path.join(out, "init_run"), out, False)
+    one = _train(0, 1, out)
+    _spawn(_worker, os.path.join(out, "init_resumed"), out, True)
+    load = lambda name: torch.load(os.path.join(out, name), weights_only=True)        # noqa: E731
+    return {"out": out, "one": one, "run": [load(f"run{r}.pt") for r in (0, 1)],
+            "resumed": [load(f"resumed{r}.pt") for r in (0, 1)],
+            "from_one_process": [load(f"from_one_process{r}.pt") for r in (0, 1)]}
+
+
+def test_sharded_training_follows_one_process(runs):
+    """Same global batches; FSDP2 reduce-scatters the mean gradient: equal to one process up to summation order.
+    Measured: losses within 3e-7 relative; ``U``, ``V`` within 6.4e-5 (singular vectors of close singular values
+    are ill-conditioned), ``Σ`` within 6.2e-6, the dense parameters within 1.1e-6."""
+    model, _, log = runs["one"]
+    two = runs["run"][0]
+    assert two["log"]["ranks"] == log["ranks"]
+    ranks = [tuple(r.values()) for r in log["ranks"]]
+    assert ranks[2] != ranks[SAVE_AT - 1] != ranks[-1] and ranks[5] == ranks[6], \
+        "the test needs rank changes and an update at unchanged rank"
+    assert two["log"]["losses"] == pytest.approx(log["losses"], rel=2e-6)
+    one = model.state_dict()
+    assert one.keys() == two["full"].keys()
+    for name in one:
+        torch.testing.assert_close(two["full"][name], one[name], rtol=0, atol=2e-4 if "lowrank_" in name else 1e-5,
+                                   msg=name)
+
+
+def test_each_shard_holds_its_rows_of_the_single_process_tensors(runs):
+    """Parameters and optimizer state: process p holds rows ``chunk(t, 2)[p]`` of the single-process tensor, up to
+    summation order: within 5e-4 of the tensor's largest entry (measured: 1e-4, in ``U``, ``V`` and Σ's moments)."""
+    model, opt, _ = runs["one"]
+    tensors = {**model.state_dict(), **_optimizer_state(model, opt)}
+    for rank in (0, 1):
+        shards = {**runs["run"][rank]["local"], **runs["run"][rank]["optimizer"]}
+        assert shards.keys() == tensors.keys()
+        for name, t in tensors.items():
+            rows = t if t.dim() == 0 else t.chunk(2)[rank] if rank < len(t.chunk(2)) else t[:0]
+            assert shards[name].shape == rows.shape, name
+            torch.testing.assert_close(shards[name], rows, rtol=0, atol=5e-4 * t.abs().max().item(), msg=name)
+
+
+def test_root_takes_in_the_new_units(runs):
+    """After the transition the factored layers are units under the root (not roots of their own), the root knows
+    exactly its current units, and the dense layers' units are freed."""
+    log = runs["run"][0]["log"]
+    assert log["roots"] == {"inp": False, "mid": False}
+    assert log["units"] == 3 and log["old_unit_freed"]
+
+
+def test_sharded_checkpoint_resumes_bit_for_bit(runs):
+    for rank in (0, 1):
+        run, resumed = runs["run"][rank], runs["resumed"][rank]
+        assert resumed["log"]["ranks"] == run["log"]["ranks"][SAVE_AT:]
+        assert resumed["log"]["losses"] == run["log"]["losses"][SAVE_AT:]
+        for part in ("local", "optimizer"):
+            assert resumed[part].keys() == run[part].keys()
+            for name, t in run[part].items():
+                assert torch.equal(resumed[part][name], t), (rank, part, name)
+
+
+def test_sharded_checkpoint_loads_into_another_number_of_processes(runs):
+    """DCP reshards on load: the 2-process checkpoint into 1 process, the 1-process one into 2 processes; the
+    loaded parameters and optimizer state are bitwise the saved run's."""
+    model, opt, ctl = _build(1)
+    folder = os.path.join(runs["out"], f"step{SAVE_AT}-w2")
+    ctl.load_state_dict(read_extra(folder)["controller"])
+    load_sharded(folder, model, opt)
+    saved = runs["run"][0]["log"]["saved"]
+    loaded = _full(model, opt)
+    assert loaded.keys() == saved.keys()
+    for name, t in saved.items():
+        assert torch.equal(loaded[name], t), name
+    saved = runs["one"][2]["saved"]
+    for rank in (0, 1):
+        loaded = runs["from_one_process"][rank]
+        assert loaded.keys() == saved.keys()
+        for name, t in saved.items():
+            assert torch.equal(loaded[name], t), (rank, name)
+
+
+def test_checkpoint_taken_at_the_transition_resumes_exactly(tmp_path):
+    """Σ has no optimizer state until the step after the transition: the resumed optimizer has none either (DCP's
+    template would give it zeros), and the run goes on bitwise as the uninterrupted one (one process)."""
+    at = CONFIG["warmup_steps"]
+    model, opt, log = _train(0, 1, str(tmp_path), save_at=at)
+    resumed, resumed_opt, resumed_log = _train(0, 1, str(tmp_path), resume=True, save_at=at)
+    assert resumed_log["losses"] == log["losses"][at:]
+    assert _full(resumed, resumed_opt).keys() == _full(model, opt).keys()
+    for name, t in _full(model, opt).items():
+        assert torch.equal(_full(resumed, resumed_opt)[name], t), name
+
+
+def test_save_refuses_an_existing_folder(tmp_path):
+    model, opt, _ = _build(1)
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(FileExistsError, match="exists; save under a new name"):
+        save_sharded(str(tmp_path / "ckpt"), model, opt)
+
+
+def test_shard_refuses_what_it_does_not_support():
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"needs every layer it converts sharded as its own unit.*not an FSDP2 "
+                                         r"root.*shard_targets\(model, config, shard\)"):
+        OIALR(model, opt, OIALRConfig(**CONFIG), shard=lambda m: m)
+    with pytest.raises(ValueError, match="wrap= .* or shard= .*, not both"):
+        OIALR(model, opt, OIALRConfig(**CONFIG), shard=lambda m: m, wrap=lambda m: m)
+    with pytest.raises(ValueError, match=r"does not support stored_budget, augment_bases: .* train with DDP"):
+        OIALR(model, opt, OIALRConfig(**CONFIG, stored_budget=0.5, augment_bases=True), shard=lambda m: m)
+
+
+# ---------------------------------------------------------------------------------------- the CLI under torchrun
+def test_cli_fsdp_reaches_low_rank_as_one_process(data_dir, tmp_path):  # noqa: F811
+    args = ["train", "--dataset", "mnist1d", "--data-dir", data_dir, "--model", "mlp", "--epochs", "2",
+            "--set", "oialr.warmup_steps=0.5", "--set", "oialr.update_every=7", "--set", "model_args.width=32",
+            "--set", "threads=1", "--set", "parallel=fsdp"]
+    runs = {}
+    for world in (2, 1):
+        out = tmp_path / f"w{world}"
+        launch = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"] if world == 2 else []
+        proc = subprocess.run([sys.executable, *launch, "-m", "oialr", *args, "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "assuming the intent" not in proc.stderr
+        rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        runs[world] = (json.load(open(out / "results.json")), rows)
+        assert {p.name for p in out.iterdir() if p.name.startswith("sharded-")} == {"sharded-62-0"}
+    (two, two_rows), (one, one_rows) = runs[2], runs[1]
+    assert two["world_size"] == 2 and two["steps"] == one["steps"] == 62
+    assert two["transition_step"] == one["transition_step"] == 31
+    assert [row["ranks"] for row in two_rows] == [row["ranks"] for row in one_rows]
+    assert one_rows[0]["ranks"] != one_rows[1]["ranks"], "the test needs a rank change"
+    for a, b in zip(two_rows, one_rows):            # measured: 4e-7 relative
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
