@@ -252,14 +252,15 @@ def tiny(data_dir, **extra):
                          "oialr": {"warmup_steps": 20, "update_every": 7, "cutoff": 0.2}, **extra})
 
 
-def _recipe_worker(rank, world, init_file, data_dir, out):
+def _recipe_worker(rank, world, init_file, data_dir, out, parallel):
     """An uninterrupted run; a run that only rank 1 asks to stop after step 26 (all stop at the next poll of the
-    flag, step 30, the last batch of epoch 2); its resumption."""
+    flag, step 30, the last batch of epoch 2); its resumption. Parameters as this process holds them (its shards
+    under FSDP)."""
     _init(rank, world, init_file)
     quiet = lambda *args, **kwargs: None
-    straight = start_or_resume(tiny(data_dir), os.path.join(out, "straight"), False, log=quiet)
+    straight = start_or_resume(tiny(data_dir, parallel=parallel), os.path.join(out, "straight"), False, log=quiet)
     expected = straight.train()
-    run = start_or_resume(tiny(data_dir), os.path.join(out, "stopped"), False, log=quiet)
+    run = start_or_resume(tiny(data_dir, parallel=parallel), os.path.join(out, "stopped"), False, log=quiet)
     real_step = run._train_step
 
     def step(x, y):
@@ -273,14 +274,16 @@ def _recipe_worker(rank, world, init_file, data_dir, out):
     resumed = start_or_resume(None, os.path.join(out, "stopped"), True, log=quiet)
     at = (resumed.step, resumed.batch_in_epoch)
     got = resumed.train()
+    own = lambda model: {k: getattr(v, "to_local", v.detach)() for k, v in model.state_dict().items()}  # noqa: E731
     torch.save({"expected": expected, "got": got, "stopped": str(stopped.value), "at": at,
-                "straight": straight.model.state_dict(), "resumed": resumed.model.state_dict()},
+                "straight": own(straight.model), "resumed": own(resumed.model)},
                os.path.join(out, f"recipe{rank}.pt"))
     dist.destroy_process_group()
 
 
-def test_recipe_stops_all_processes_at_one_step_and_resumes_exactly(data_dir, tmp_path):
-    _spawn(_recipe_worker, str(tmp_path / "init"), data_dir, str(tmp_path))
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_recipe_stops_all_processes_at_one_step_and_resumes_exactly(data_dir, tmp_path, parallel):
+    _spawn(_recipe_worker, str(tmp_path / "init"), data_dir, str(tmp_path), parallel)
     seen = [torch.load(tmp_path / f"recipe{r}.pt", weights_only=False) for r in (0, 1)]
     for r in (0, 1):
         assert "SIGTERM at step 30" in seen[r]["stopped"] and seen[r]["at"] == (30, 15)
@@ -290,6 +293,8 @@ def test_recipe_stops_all_processes_at_one_step_and_resumes_exactly(data_dir, tm
         for (name, p), q in zip(seen[r]["straight"].items(), seen[r]["resumed"].values()):
             assert torch.equal(p, q), (r, name)
     assert json.load(open(tmp_path / "stopped" / "results.json"))["top1"] == seen[0]["got"]["top1"]
+    sharded = [p.name for p in (tmp_path / "stopped").iterdir() if p.name.startswith("sharded-")]
+    assert sharded == (["sharded-45-0"] if parallel == "fsdp" else [])      # the last checkpoint's shards only
 
 
 def test_global_batch_must_divide_over_the_processes(data_dir, tmp_path, monkeypatch):

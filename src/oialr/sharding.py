@@ -36,7 +36,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from .config import OIALRConfig, config_or_default
 from .convert import replace_module
 from .optim_state import find_group, swap_param
-from .targets import find_layers
+from .targets import _submodule_or_none, find_layers
 
 Shard = Callable[[nn.Module], nn.Module]
 
@@ -56,17 +56,10 @@ def shard_targets(model: nn.Module, config: OIALRConfig | None = None, shard: Sh
 def target_modules(model: nn.Module, targets: list[str]) -> list[str]:
     """``targets``, each checked to be a module of its own (FSDP2 shards modules, not single Parameters)."""
     for name in targets:
-        if not isinstance(_submodule(model, name), nn.Module):
+        if not isinstance(_submodule_or_none(model, name), nn.Module):
             raise ValueError(f"layer {name!r} is a projection held by its attention module, which FSDP2 cannot "
                              "shard on its own; list it in OIALRConfig(exclude_modules=...) or train with DDP")
     return targets
-
-
-def _submodule(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
 
 
 def _is_unit(module: nn.Module) -> bool:
