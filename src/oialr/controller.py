@@ -189,6 +189,7 @@ class OIALR:
                 optim_state.enter_lowrank(self.optimizer, weight, layer.lowrank_S, layer.lowrank_U, layer.lowrank_V,
                                           lambda t, module=module: as_matrix(module, t))
                 del module, weight, matrix, factors, layer
+        self._free_replaced()
         self._wrapper.invalidate()                      # new Parameters: the wrapper is rebuilt on next use
         self.transition_step = self.step_count
         self.transition_reason = reason
@@ -211,6 +212,7 @@ class OIALR:
                 with self._gathered(name) as layer:
                     self.cut_ranks[name] = basis_updates.update_all({name: layer}, self.optimizer, self.config,
                                                                     None)[1][name]
+            self._free_replaced()
             return
         grads = self._recorder.stop() if self._recorder is not None else {}
         replaced, self.cut_ranks = basis_updates.update_all(layers, self.optimizer, self.config,
@@ -224,6 +226,10 @@ class OIALR:
         if self._sharded is None:
             return nullcontext(self.lowrank_layers().get(name))
         return self._sharded.gathered(name, self.optimizer)
+
+    def _free_replaced(self) -> None:
+        if self._sharded is not None:
+            self._sharded.free_replaced()
 
     # ------------------------------------------------------------------ reporting
     def summary(self) -> dict[str, Any]:
@@ -298,6 +304,7 @@ class OIALR:
                     with self._gathered(name) as layer:
                         if basis_updates.restore_ranks({name: layer}, self.optimizer, ranks, self.config.train_bases):
                             self._wrapper.invalidate()
+            self._free_replaced()
         self.step_count = state["step"]
         self.transition_step = state["transition_step"]
         self.transition_reason = state["transition_reason"]

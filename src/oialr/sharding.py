@@ -25,6 +25,7 @@ the shards are the corresponding rows of a single-process run (the tests check i
 """
 from __future__ import annotations
 
+import gc
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -85,28 +86,19 @@ class ShardedLayers:
                              f"as the root, but {what}; call oialr.sharding.shard_targets(model, config, shard) "
                              "before building the optimizer")
         self.model, self.shard = model, shard
+        self._replaced = False
 
     @contextmanager
     def gathered(self, name: str, optimizer: torch.optim.Optimizer) -> Iterator[nn.Module]:
         """The layer ``name`` with full, plain Parameters (and full optimizer state) inside the block; sharded again
-        at its end as the module docstring says. On an exception the sharded Parameters are put back unchanged."""
+        at its end as the module docstring says (not after an exception: the model is then unusable)."""
         unit = self.model.get_submodule(name)
         sharded = dict(unit.named_parameters(recurse=False))
         full = {attr: nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad) for attr, p in sharded.items()}
-        saved_state = {attr: optimizer.state.get(p) for attr, p in sharded.items()}
         for attr in sharded:
             setattr(unit, attr, full[attr])
             _move(optimizer, sharded[attr], full[attr], _gather)
-        try:
-            yield unit
-        except BaseException:
-            for attr, p in sharded.items():
-                setattr(unit, attr, p)
-                if find_group(optimizer, full[attr]) is not None:
-                    swap_param(optimizer, full[attr], p)
-                    if saved_state[attr] is not None:
-                        optimizer.state[p] = saved_state[attr]
-            raise
+        yield unit
         with torch.no_grad():
             self._reshard(name, unit, sharded, full, optimizer)
 
@@ -122,11 +114,23 @@ class ShardedLayers:
         if now is unit:                                 # a rank change: the same Parameters in a fresh layer
             now = unit.with_factors(unit.lowrank_U, unit.lowrank_S, unit.lowrank_V)
             replace_module(self.model, name, now)
+        for attr, p in sharded.items():                 # the old unit keeps no full tensor until it is freed
+            setattr(unit, attr, p)
         plain = dict(now.named_parameters(recurse=False))
         self.shard(now)
         for attr, p in now.named_parameters(recurse=False):
             _move(optimizer, plain[attr], p, lambda t, p=p: _rows_like(t, p))
         _refresh_root(self.model)
+        self._replaced = True
+
+    def free_replaced(self) -> None:
+        """Free the units replaced since the last call, with their shards: FSDP2 ties a unit to its state and hooks
+        in reference cycles, which only the cyclic garbage collector frees, possibly much later (one
+        ``gc.collect()``; call it after the transition or an update, not after every layer). A unit that the last
+        step's autograd graph still reaches (the caller holds ``loss``) survives it, until the next collection."""
+        if self._replaced:
+            self._replaced = False
+            gc.collect()
 
 
 def local(t: Tensor) -> Tensor:

@@ -253,12 +253,13 @@ class TrainingRun:
         if self.cfg.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
+        self.sums.add(loss, logits, y)                  # summed on the device: no sync per step
+        del loss, logits                    # the graph holds FSDP2's units: freed before the controller replaces any
         if self.tracker is not None:                # first: an automatic transition reads its sample of this step
             self.tracker.step()
         if self.controller is not None:
             self.controller.step()
         self.step += 1
-        self.sums.add(loss, logits, y)                  # summed on the device: no sync per step
         self.phase_seconds[phase] += time.perf_counter() - start      # no device sync: exact on the CPU only
         self.phase_samples[phase] += y.numel() * self.world_size
 
