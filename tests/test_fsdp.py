@@ -257,6 +257,33 @@ def test_shard_refuses_what_it_does_not_support():
         OIALR(model, opt, OIALRConfig(**CONFIG, stored_budget=0.5, augment_bases=True), shard=lambda m: m)
 
 
+def test_parallel_setting_is_checked():
+    from oialr.cli.settings import ConfigError, build_config
+    with pytest.raises(ConfigError, match="parallel must be one of ddp, fsdp, got 'zero'"):
+        build_config({"parallel": "zero"})
+    with pytest.raises(ConfigError, match=r"parallel: fsdp does not support method 'galore' \(fsdp trains oialr or "
+                                          r"full-rank\), compile: true, oialr.stored_budget; use parallel: ddp"):
+        build_config({"parallel": "fsdp", "method": "galore", "compile": True, "oialr": {"stored_budget": 0.5}})
+    assert build_config({"parallel": "fsdp"}).parallel == "fsdp" and build_config({}).parallel == "ddp"
+
+
+def test_training_without_shard_never_loads_the_sharding_modules():
+    """One process, through the transition and an update, with the CLI's modules imported: oialr's FSDP2 code is
+    never imported (torch's own optimizer step imports parts of FSDP2 for dynamo: not asserted)."""
+    code = ("import sys, torch, oialr, oialr.cli.start\n"
+            "model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))\n"
+            "opt = torch.optim.AdamW(model.parameters())\n"
+            "ctl = oialr.OIALR(model, opt, oialr.OIALRConfig(warmup_steps=1, update_every=1))\n"
+            "for _ in range(3):\n"
+            "    model(torch.randn(4, 8)).sum().backward(); opt.step(); ctl.step()\n"
+            "assert ctl.phase == 'low-rank'\n"
+            "print(sorted(m for m in sys.modules if m.startswith('oialr.shard')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
 # ---------------------------------------------------------------------------------------- the CLI under torchrun
 def test_cli_fsdp_reaches_low_rank_as_one_process(data_dir, tmp_path):  # noqa: F811
     args = ["train", "--dataset", "mnist1d", "--data-dir", data_dir, "--model", "mlp", "--epochs", "2",
