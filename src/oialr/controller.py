@@ -315,7 +315,7 @@ class OIALR:
 
 def _sharded_layers(model: nn.Module, targets: list[str], config: OIALRConfig, shard, wrap):
     """The :class:`oialr.sharding.ShardedLayers` of ``shard=``, after refusing what it does not support (imported
-    only here: training without ``shard`` never loads FSDP)."""
+    only here: training without ``shard`` never imports it)."""
     if wrap is not None:
         raise ValueError("pass wrap= (a wrapper such as DDP) or shard= (FSDP2), not both")
     unsupported = [name for name, on in (("stored_budget", config.stored_budget is not None),

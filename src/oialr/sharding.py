@@ -133,11 +133,6 @@ class ShardedLayers:
             gc.collect()
 
 
-def local(t: Tensor) -> Tensor:
-    """This process's rows of ``t`` (a sharded ``DTensor``), or ``t`` itself."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _gather(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
