@@ -107,3 +107,13 @@ def test_gpt2_save_pretrained_round_trip_is_exact(registered, tmp_path, monkeypa
     reloaded = oialr.from_pretrained(gpt2(), str(tmp_path / "compact"))
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, compact(tokens).logits)
+
+
+def test_with_factors_keeps_the_conv1d_kind(registered):
+    model = gpt2()
+    OIALR(model, torch.optim.AdamW(model.parameters()), OIALRConfig(warmup_steps=0))
+    layer = model.transformer.h[0].attn.c_attn
+    new = layer.with_factors(layer.lowrank_U, layer.lowrank_S, layer.lowrank_V)
+    assert type(new) is hf_conv1d.LowRankConv1D and new.bias is layer.bias and new.lowrank_S is layer.lowrank_S
+    x = torch.randn(2, 5, 64)
+    assert torch.equal(new(x), layer(x))

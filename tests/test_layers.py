@@ -147,3 +147,20 @@ def test_force_path_overrides_the_cost_model_and_every_path_computes_the_same():
     with pytest.raises(ValueError, match="path must be one of chain, merged, dense, got 'fast'"):
         with oialr.force_path("fast"):
             pass
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Linear(9, 12)] + [lambda conv=conv: conv for conv in CONVS],
+                         ids=["linear"] + [repr(c) for c in CONVS])
+def test_with_factors_builds_the_same_layer_around_the_same_parameters(make):
+    """A rank change under FSDP2 moves the factors into a fresh layer: same kind, settings and bias object."""
+    module = make()
+    model = nn.Sequential(module)
+    layer = _factor(model, "0")
+    layer.eval()
+    U, S, V = layer.lowrank_U, layer.lowrank_S, layer.lowrank_V
+    new = layer.with_factors(U, S, V)
+    assert type(new) is type(layer) and new is not layer and not new.training
+    assert new.lowrank_U is U and new.lowrank_S is S and new.lowrank_V is V and new.bias is layer.bias
+    x = torch.randn(2, 9) if isinstance(module, nn.Linear) else torch.randn(2, module.in_channels,
+                                                                             *([9] * len(module.kernel_size)))
+    assert torch.equal(new(x), layer(x))
