@@ -5,8 +5,9 @@ from torch import nn
 
 from oialr import OIALR, OIALRConfig
 from oialr.cli.settings import ConfigError, build_config
-from oialr.budget import allocate_ranks, check_budget, marginal_cost, min_stored_fraction, stored_fraction
-from oialr.factorize import stored_params
+from oialr.budget import (allocate_ranks, check_budget, marginal_cost, min_stored_fraction, stored_fraction,
+                          update_ranks)
+from oialr.factorize import cut_rank, stored_params
 from models import MODELS, batches
 
 
@@ -55,6 +56,30 @@ def test_allocation_respects_floors_and_caps():
     spectra = [torch.linspace(1, 0.1, 16)] * 2
     assert allocate_ranks(spectra, [(16, 16)] * 2, 1.0, [1, 1], [3, 16])[0] == 3              # capped
     assert allocate_ranks(spectra, [(16, 16)] * 2, 0.01, [5, 2], [16, 16]) == [5, 2]           # floors over budget
+
+
+def test_update_within_the_budget_gives_every_layer_its_cut():
+    """While the current ranks fit the budget (always, without augment_bases) the update's allocation is each layer's
+    cut, which is why the controller allocates at updates only with growth (FSDP2 then updates layer by layer): 300
+    random cases of 1-4 layers, spectra, ranks and settings, the budget between the current stored fraction and
+    +10%. Ranks above the budget (after growth) are cut below the cutoff's ranks."""
+    g = torch.Generator().manual_seed(0)
+    pick = lambda low, high: int(torch.randint(low, high + 1, (), generator=g))             # noqa: E731
+    cases = 0
+    while cases < 300:
+        shapes = [(pick(2, 40), pick(2, 40)) for _ in range(pick(1, 4))]
+        ranks = [pick(1, min(shape) // 2) for shape in shapes]
+        budget = stored_fraction(shapes, ranks) * (1 + pick(0, 10) / 100)
+        if budget > 1 or budget * sum(m * n for m, n in shapes) < sum(map(stored_params, *zip(*shapes), ranks)):
+            continue                        # not a state a budget allows (the transition's allocation checks both)
+        cases += 1
+        spectra = [torch.sort(torch.rand(r, generator=g) ** pick(1, 8), descending=True).values for r in ranks]
+        config = OIALRConfig(cutoff=float(torch.rand((), generator=g)) * 0.5, min_rank=pick(1, 3),
+                             max_drop_fraction=float(torch.rand((), generator=g)), stored_budget=budget)
+        assert update_ranks(spectra, shapes, config) == [cut_rank(s, config) for s in spectra], (shapes, ranks)
+    flat = [torch.ones(16)] * 2
+    config = OIALRConfig(cutoff=0.0, stored_budget=0.5, max_drop_fraction=0.5)
+    assert [cut_rank(s, config) for s in flat] == [16, 16] and update_ranks(flat, [(16, 16)] * 2, config) == [8, 8]
 
 
 def test_unreachable_budget_is_a_clear_error():

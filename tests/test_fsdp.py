@@ -17,6 +17,7 @@ from torch import nn
 from models import batches
 from oialr import OIALR, OIALRConfig, distributed
 from oialr.sharded_checkpoint import load_sharded, read_extra, save_sharded
+from test_budget import _within_one_step
 from test_distributed import _effective, _init, _spawn, data_dir, tiny  # noqa: F401  (data_dir: a fixture)
 
 STEPS, SAVE_AT = 14, 8           # ranks change before step 8 and at later updates (asserted)
@@ -236,26 +237,47 @@ def test_sharded_checkpoint_loads_into_another_number_of_processes(runs):
             assert torch.equal(loaded[name], t), (rank, name)
 
 
-def _trained_bases_worker(rank, world, init_file, out):
+def _options_worker(rank, world, init_file, out, options):
     _init(rank, world, init_file)
-    model, opt, log = _train(rank, world, train_bases=True)
-    torch.save({"log": log, "full": _full(model, opt)}, os.path.join(out, f"bases{rank}.pt"))
+    model, opt, log = _train(rank, world, **options)
+    torch.save({"log": log, "full": _full(model, opt)}, os.path.join(out, f"run{rank}.pt"))
     dist.destroy_process_group()
+
+
+def _follows_one_process(tmp_path, **options) -> tuple[list[dict], dict]:
+    """2 sharded processes and 1 process trained with ``CONFIG`` and ``options``: the same ranks at every step,
+    losses within 2e-6 relative, every tensor (parameters and optimizer state, gathered) within 5e-4 of its largest
+    entry once the signs of singular pairs are matched (:func:`_signs_aligned`). Returns the ranks per step and the
+    one process's tensors by name."""
+    _spawn(_options_worker, str(tmp_path / "init"), str(tmp_path), options)
+    two = torch.load(tmp_path / "run0.pt", weights_only=True)
+    model, opt, log = _train(0, 1, **options)
+    assert two["log"]["ranks"] == log["ranks"]
+    assert two["log"]["losses"] == pytest.approx(log["losses"], rel=2e-6)
+    one = _signs_aligned(_full(model, opt), two["full"])
+    assert one.keys() == two["full"].keys()
+    for name, t in one.items():
+        torch.testing.assert_close(two["full"][name], t, rtol=0, atol=5e-4 * t.abs().max().item(), msg=name)
+    return log["ranks"], one
 
 
 def test_trained_bases_follow_one_process(tmp_path):
     """``train_bases``: ``U``, ``V`` train (FSDP2 reduce-scatters their gradients) and their optimizer state is
     carried through rank changes on the gathered layer. Measured: losses within 5e-7 relative, every tensor
     (parameters and optimizer state) within 3e-5 of its largest entry."""
-    _spawn(_trained_bases_worker, str(tmp_path / "init"), str(tmp_path))
-    two = torch.load(tmp_path / "bases0.pt", weights_only=True)
-    model, opt, log = _train(0, 1, train_bases=True)
-    assert two["log"]["ranks"] == log["ranks"] and log["ranks"][-1] != log["ranks"][2]
-    assert two["log"]["losses"] == pytest.approx(log["losses"], rel=2e-6)
-    one = _signs_aligned(_full(model, opt), two["full"])
-    assert one.keys() == two["full"].keys() and any(".lowrank_U.exp_avg" in name for name in one)
-    for name, t in one.items():
-        torch.testing.assert_close(two["full"][name], t, rtol=0, atol=5e-4 * t.abs().max().item(), msg=name)
+    ranks, tensors = _follows_one_process(tmp_path, train_bases=True)
+    assert ranks[-1] != ranks[2] and any(".lowrank_U.exp_avg" in name for name in tensors)
+
+
+@pytest.mark.parametrize("options", [{}, {"train_bases": True}], ids=["budget", "budget+trained bases"])
+def test_budget_follows_one_process(tmp_path, options):
+    """``stored_budget``: the transition's ranks come from every weight's singular values, each weight gathered in
+    turn (the budget binds: no layer could take one more value), and the updates cut each layer as one process
+    does, here changing ranks. Measured: losses within 4e-7 relative, tensors within 2e-5 of their largest entry."""
+    ranks = [tuple(r.values()) for r in _follows_one_process(tmp_path, stored_budget=0.9, **options)[0]]
+    shapes = [(33, 16), (24, 33)]
+    assert _within_one_step(shapes, ranks[2], [min(shape) for shape in shapes], 0.9)
+    assert ranks[-1] != ranks[2]
 
 
 def test_checkpoint_taken_at_the_transition_resumes_exactly(tmp_path):
@@ -285,8 +307,10 @@ def test_shard_refuses_what_it_does_not_support():
         OIALR(model, opt, OIALRConfig(**CONFIG), shard=lambda m: m)
     with pytest.raises(ValueError, match="wrap= .* or shard= .*, not both"):
         OIALR(model, opt, OIALRConfig(**CONFIG), shard=lambda m: m, wrap=lambda m: m)
-    with pytest.raises(ValueError, match=r"does not support stored_budget, augment_bases: .* train with DDP"):
-        OIALR(model, opt, OIALRConfig(**CONFIG, stored_budget=0.5, augment_bases=True), shard=lambda m: m)
+    with pytest.raises(ValueError, match=r"does not support augment_bases \(it records the bases' gradients through "
+                                         r"hooks, .*\); warmup_steps=\"auto\" \(.*\); train with DDP"):
+        OIALR(model, opt, OIALRConfig(**{**CONFIG, "warmup_steps": "auto"}, stored_budget=0.5, augment_bases=True),
+              shard=lambda m: m)
 
 
 def test_parallel_setting_is_checked():
@@ -294,9 +318,10 @@ def test_parallel_setting_is_checked():
     with pytest.raises(ConfigError, match="parallel must be one of ddp, fsdp, got 'zero'"):
         build_config({"parallel": "zero"})
     with pytest.raises(ConfigError, match=r"parallel: fsdp does not support method 'galore' \(fsdp trains oialr or "
-                                          r"full-rank\), compile: true, oialr.stored_budget; use parallel: ddp"):
-        build_config({"parallel": "fsdp", "method": "galore", "compile": True, "oialr": {"stored_budget": 0.5}})
-    assert build_config({"parallel": "fsdp"}).parallel == "fsdp" and build_config({}).parallel == "ddp"
+                                          r"full-rank\), compile: true, oialr.augment_bases; use parallel: ddp"):
+        build_config({"parallel": "fsdp", "method": "galore", "compile": True, "oialr": {"augment_bases": True}})
+    assert build_config({"parallel": "fsdp", "oialr": {"stored_budget": 0.5}}).parallel == "fsdp"
+    assert build_config({}).parallel == "ddp"
 
 
 def test_training_without_shard_never_loads_the_sharding_modules():

@@ -2,6 +2,8 @@
 growth), the one place a factored layer and the optimizer take new factors, and a budget's ranks at the transition."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -15,19 +17,22 @@ from .targets import as_matrix, layer_weight
 def update_all(layers: dict[str, LowRankLayer], optimizer, config: OIALRConfig,
                grads: dict[str, tuple[Tensor, Tensor]] | None) -> tuple[bool, dict[str, int]]:
     """Basis update of every layer in ``layers`` (:func:`oialr.factorize.rotation`, then :func:`~oialr.factorize.
-    truncate` to :func:`~oialr.factorize.cut_rank`, or to :func:`oialr.budget.update_ranks` under
-    ``config.stored_budget``), computed by process 0 and broadcast, applied on
-    every process (:func:`apply_factors`); then, with ``grads`` (``augment_bases``: the recorded ``∂L/∂U``,
-    ``∂L/∂V``), every layer widened (:func:`oialr.growth.widen_all`). The caller has checked the factors
-    (:func:`oialr.health.check_layers`). Returns whether Parameter objects were replaced and the ranks the cut kept
-    (before growth)."""
+    truncate` to :func:`~oialr.factorize.cut_rank`, or, with ``config.stored_budget`` and ``augment_bases``, to
+    :func:`oialr.budget.update_ranks` over all ``layers``: without growth the ranks never exceed the transition's
+    allocation, and the budget's allocation is then every layer's cut, so the layers are independent), computed by
+    process 0 and broadcast, applied on every process (:func:`apply_factors`); then, with ``grads``
+    (``augment_bases``: the recorded ``∂L/∂U``, ``∂L/∂V``), every layer widened (:func:`oialr.growth.widen_all`).
+    The caller has checked the factors (:func:`oialr.health.check_layers`). Returns whether Parameter objects were
+    replaced and the ranks the cut kept (before growth)."""
     updates = None
     if distributed.is_source():
         rotations = [rotation(layer.lowrank_U, layer.lowrank_S, layer.lowrank_V) for layer in layers.values()]
-        ranks = [cut_rank(rot.s, config) for rot in rotations] if config.stored_budget is None \
-            else budget.update_ranks([rot.s for rot in rotations], [layer.matrix_shape for layer in layers.values()],
-                                     config)
-        updates = [truncate(rot, k) for rot, k in zip(rotations, ranks)]
+        if config.stored_budget is not None and config.augment_bases:
+            keep = budget.update_ranks([rot.s for rot in rotations], [layer.matrix_shape for layer in layers.values()],
+                                       config)
+        else:                                       # without growth a budget's allocation is each layer's cut
+            keep = [cut_rank(rot.s, config) for rot in rotations]
+        updates = [truncate(rot, k) for rot, k in zip(rotations, keep)]
     shapes = [(*layer.matrix_shape, layer.rank) for layer in layers.values()]
     like = next(iter(layers.values())).lowrank_S
     replaced = False
@@ -85,11 +90,21 @@ def restore_ranks(layers: dict[str, LowRankLayer], optimizer, ranks: dict[str, i
     return replaced
 
 
-def transition_ranks(model: nn.Module, targets: list[str], config: OIALRConfig) -> dict[str, int] | None:
+def transition_ranks(model: nn.Module, targets: list[str], config: OIALRConfig,
+                     whole: Callable[[Tensor], Tensor]) -> dict[str, int] | None:
     """The ranks ``config.stored_budget`` gives the layers ``targets`` at the transition
-    (:func:`oialr.budget.transition_ranks`), allocated on process 0 and broadcast; ``None`` without a budget."""
+    (:func:`oialr.budget.transition_ranks`), allocated on process 0 from every weight's singular values and broadcast;
+    ``None`` without a budget. One weight at a time: ``whole`` gives its full value (under FSDP2 an all-gather, which
+    every process calls), process 0 takes its singular values, and it is dropped before the next."""
     if config.stored_budget is None:
         return None
-    ranks = budget.transition_ranks([as_matrix(*layer_weight(model, name)) for name in targets], config) \
-        if distributed.is_source() else [0] * len(targets)
+    spectra, shapes = [], []
+    for name in targets:
+        module, weight = layer_weight(model, name)
+        matrix = as_matrix(module, whole(weight))
+        shapes.append(tuple(matrix.shape))
+        if distributed.is_source():
+            spectra.append(budget.spectrum(matrix))
+        del module, weight, matrix
+    ranks = budget.transition_ranks(spectra, shapes, config) if distributed.is_source() else [0] * len(targets)
     return dict(zip(targets, distributed.broadcast_ints(ranks)))

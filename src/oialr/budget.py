@@ -124,23 +124,32 @@ def stored_fractions(shapes: Sequence[tuple[int, int]], budget: float | None, ra
             "cut_stored_fraction": stored_fraction(shapes, cut_ranks) if cut_ranks else 1.0}
 
 
-def transition_ranks(matrices: Sequence[Tensor], config: OIALRConfig) -> list[int]:
-    """The transition's ranks under ``config.stored_budget``: per weight ``W (m×n)`` the floor is
-    ``min(min_rank, min(m, n))`` and the cap what :func:`oialr.linalg.select_rank` keeps (``cutoff``,
-    ``rank_fraction``); :func:`allocate_ranks` over the singular values (float32 or better)."""
-    spectra = [torch.linalg.svdvals(w.detach().to(torch.float64 if w.dtype == torch.float64 else torch.float32))
-               for w in matrices]
+def spectrum(matrix: Tensor) -> Tensor:
+    """The singular values of a weight ``W (m×n)``, descending, computed in float32 or better: what
+    :func:`transition_ranks` allocates from."""
+    return torch.linalg.svdvals(matrix.detach().to(torch.float64 if matrix.dtype == torch.float64 else torch.float32))
+
+
+def transition_ranks(spectra: Sequence[Tensor], shapes: Sequence[tuple[int, int]], config: OIALRConfig) -> list[int]:
+    """The transition's ranks under ``config.stored_budget``, from each weight's singular values (:func:`spectrum`)
+    and shape ``(m, n)``: per weight the floor is ``min(min_rank, min(m, n))`` and the cap what
+    :func:`oialr.linalg.select_rank` keeps (``cutoff``, ``rank_fraction``); :func:`allocate_ranks` over the spectra."""
     caps = [linalg.select_rank(s, cutoff=config.cutoff, max_rank=math.ceil(config.rank_fraction * s.numel()),
                                min_rank=config.min_rank) for s in spectra]
     floors = [min(config.min_rank, s.numel()) for s in spectra]
-    return allocate_ranks(spectra, [tuple(w.shape) for w in matrices], config.stored_budget, floors, caps)
+    return allocate_ranks(spectra, shapes, config.stored_budget, floors, caps)
 
 
 def update_ranks(spectra: Sequence[Tensor], shapes: Sequence[tuple[int, int]], config: OIALRConfig) -> list[int]:
     """A basis update's ranks under ``config.stored_budget``, from each layer's singular values (the update's SVD
     of ``Σ``, :func:`oialr.factorize.rotation`): per layer at rank ``r = len(s)`` the floor is
     ``max(min_rank, r − floor(max_drop_fraction · r))`` (at most ``r``) and the cap what the cutoff keeps
-    (:func:`oialr.factorize.cut_rank`)."""
+    (:func:`oialr.factorize.cut_rank`).
+
+    When the current ranks ``len(s)`` fit the budget, every layer gets its cap: the caps are at most the current
+    ranks, so raising every layer from its floor to its cap costs no more than the room :func:`greedy_ranks` starts
+    with, and every increment fits. The ranks exceed the budget only after growth (``augment_bases``); without it
+    they only fall after the transition's allocation, so the controller allocates at an update only with growth."""
     floors = [min(s.numel(), max(config.min_rank, s.numel() - math.floor(config.max_drop_fraction * s.numel())))
               for s in spectra]
     caps = [cut_rank(s, config) for s in spectra]

@@ -49,9 +49,11 @@ class OIALRConfig:
         stored_budget: if set, a fraction in ``(0, 1]``: the factored layers together store at most this fraction of
             the dense parameters they replace (``U``, ``Σ``, ``V`` counted: ``r(m + n + r)`` per layer). The ranks are
             allocated across layers (:func:`oialr.budget.allocate_ranks`) at the transition and at every basis
-            update; the budget caps what the rules above keep (``cutoff``, ``rank_fraction``, ``min_rank``, and
-            ``max_drop_fraction``, which can slow how fast it is reached): ``cutoff=0`` lets the budget alone
-            decide. A budget below every layer at ``min_rank`` is an error when the controller is built.
+            update (without ``augment_bases`` the ranks stay within the transition's allocation, and an update's
+            allocation is every layer's own cut); the budget caps what the rules above keep (``cutoff``,
+            ``rank_fraction``, ``min_rank``, and ``max_drop_fraction``, which can slow how fast it is reached):
+            ``cutoff=0`` lets the budget alone decide. A budget below every layer at ``min_rank`` is an error when
+            the controller is built.
 
     Beyond the paper
         augment_bases: at every basis update, after the cut, widen each layer's ``U``, ``V`` with up to ``r`` new

@@ -61,8 +61,8 @@ class OIALR:
     Sharded instead (FSDP2): shard the model with :func:`oialr.sharding.shard_targets` (every converted layer its
     own unit, then the root), build the optimizer, and pass ``shard=fully_shard`` (or the ``functools.partial`` of
     it that sharded the model): each layer is gathered whole only while the controller changes it, and a layer whose
-    Parameters change becomes a new unit (:mod:`oialr.sharding`). Not with ``stored_budget``, ``augment_bases`` or
-    ``warmup_steps="auto"``.
+    Parameters change becomes a new unit (:mod:`oialr.sharding`); a ``stored_budget`` first gathers every target
+    weight in turn for the transition's allocation. Not with ``augment_bases`` or ``warmup_steps="auto"``.
 
     ``tracker``: with ``warmup_steps="auto"``, a :class:`oialr.StabilityTracker` you already step (before
     ``ctl.step()``) to record stability for the whole run; the transition then reads its samples of the layers to
@@ -171,7 +171,8 @@ class OIALR:
         if ranks is None:
             health.check_weights(self.model, self.targets, self.step_count, shards=self._sharded is not None)
         optim_state.warn_if_unknown(self.optimizer)
-        chosen = basis_updates.transition_ranks(self.model, self.targets, self.config) if ranks is None else None
+        chosen = basis_updates.transition_ranks(self.model, self.targets, self.config, self._whole) \
+            if ranks is None else None
         for name in self.targets:
             with self._gathered(name):                  # sharded: this layer's full values, sharded again after
                 module, weight = layer_weight(self.model, name)
@@ -207,7 +208,7 @@ class OIALR:
         layers = self.lowrank_layers()
         health.check_factors(layers, self.step_count, shards=self._sharded is not None)
         optim_state.warn_if_unknown(self.optimizer)
-        if self._sharded is not None:                   # one layer at a time (no budget: the layers are independent)
+        if self._sharded is not None:                   # one layer at a time (no growth: the layers are independent)
             for name in layers:
                 with self._gathered(name) as layer:
                     self.cut_ranks[name] = basis_updates.update_all({name: layer}, self.optimizer, self.config,
@@ -226,6 +227,10 @@ class OIALR:
         if self._sharded is None:
             return nullcontext(self.lowrank_layers().get(name))
         return self._sharded.gathered(name, self.optimizer)
+
+    def _whole(self, t: torch.Tensor) -> torch.Tensor:
+        """``t``'s full value: sharded, all-gathered (every process calls it); else ``t``."""
+        return t if self._sharded is None else self._sharded.whole(t)
 
     def _free_replaced(self) -> None:
         if self._sharded is not None:
@@ -318,12 +323,12 @@ def _sharded_layers(model: nn.Module, targets: list[str], config: OIALRConfig, s
     only here: training without ``shard`` never imports it)."""
     if wrap is not None:
         raise ValueError("pass wrap= (a wrapper such as DDP) or shard= (FSDP2), not both")
-    unsupported = [name for name, on in (("stored_budget", config.stored_budget is not None),
-                                         ("augment_bases", config.augment_bases),
-                                         ('warmup_steps="auto"', config.warmup_steps == "auto")) if on]
+    unsupported = [what for what, on in (
+        ("augment_bases (it records the bases' gradients through hooks, which FSDP2's sharded gradients bypass)",
+         config.augment_bases),
+        ('warmup_steps="auto" (it samples every whole weight)', config.warmup_steps == "auto")) if on]
     if unsupported:
-        raise ValueError(f"OIALR with shard= (FSDP2) does not support {', '.join(unsupported)}: they read every "
-                         "layer at once (or hook the gathered bases); train with DDP (wrap=oialr.distributed.ddp) "
-                         "or leave them unset")
+        raise ValueError(f"OIALR with shard= (FSDP2) does not support {'; '.join(unsupported)}; train with DDP "
+                         "(wrap=oialr.distributed.ddp) or leave them unset")
     from .sharding import ShardedLayers
     return ShardedLayers(model, targets, shard)

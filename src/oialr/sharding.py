@@ -88,6 +88,12 @@ class ShardedLayers:
         self.model, self.shard = model, shard
         self._replaced = False
 
+    @staticmethod
+    def whole(t: Tensor) -> Tensor:
+        """``t``'s full value: a sharded tensor (``DTensor``) all-gathered, any other as it is. A collective: every
+        process calls it, for the same tensors in the same order."""
+        return t.full_tensor() if isinstance(t, DTensor) else t
+
     @contextmanager
     def gathered(self, name: str, optimizer: torch.optim.Optimizer) -> Iterator[nn.Module]:
         """The layer ``name`` with full, plain Parameters (and full optimizer state) inside the block; sharded again
@@ -97,7 +103,7 @@ class ShardedLayers:
         full = {attr: nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad) for attr, p in sharded.items()}
         for attr in sharded:
             setattr(unit, attr, full[attr])
-            _move(optimizer, sharded[attr], full[attr], _gather)
+            _move(optimizer, sharded[attr], full[attr], self.whole)
         yield unit
         with torch.no_grad():
             self._reshard(name, unit, sharded, full, optimizer)
@@ -131,10 +137,6 @@ class ShardedLayers:
         if self._replaced:
             self._replaced = False
             gc.collect()
-
-
-def _gather(t: Tensor) -> Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _rows_like(t: Tensor, param: DTensor) -> Tensor:

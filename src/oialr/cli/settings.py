@@ -49,8 +49,8 @@ class TrainConfig:
     parallel: under torchrun, ``ddp`` (every process holds the whole model) or ``fsdp`` (FSDP2: every layer OIALR
         converts is its own unit, the parameters, gradients and optimizer state sharded by rows; checkpoints are
         ``torch.distributed.checkpoint`` folders, also with one process); methods ``oialr`` and ``full-rank`` only,
-        without ``compile``, ``stability_every``, ``oialr.stored_budget``, ``oialr.augment_bases`` or
-        ``oialr.warmup_steps: auto`` (``docs/DISTRIBUTED.md``).
+        without ``compile``, ``stability_every``, ``oialr.augment_bases`` or ``oialr.warmup_steps: auto``
+        (``docs/DISTRIBUTED.md``).
         oialr: :class:`oialr.OIALRConfig` fields.
     stability_every: record every layer's basis stability every this many steps for the whole run
         (``stability.jsonl``/``.csv``, plots by ``oialr stability DIR``); ``null`` = off. stability_lag: compare each
@@ -160,7 +160,6 @@ def _errors(cfg: TrainConfig) -> list[str]:
         clashes = [what for what, on in (
             (f"method {cfg.method!r} (fsdp trains oialr or full-rank)", cfg.method not in ("oialr", "full-rank")),
             ("compile: true", cfg.compile is True), ("stability_every", cfg.stability_every is not None),
-            ("oialr.stored_budget", cfg.oialr.stored_budget is not None),
             ("oialr.augment_bases", cfg.oialr.augment_bases is True),
             ("oialr.warmup_steps: auto", cfg.method == "oialr" and cfg.oialr.warmup_steps == "auto")) if on]
         check(not clashes, f"parallel: fsdp does not support {', '.join(clashes)}; use parallel: ddp or leave "
