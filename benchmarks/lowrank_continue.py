@@ -1,0 +1,89 @@
+"""Does the low-rank form itself slow training down? From one full-rank checkpoint of a byte-level Llama run
+(``oialr train --config configs/lm_llama.yaml --method full-rank``), train the same batches for ``--steps`` more
+steps at a fixed learning rate as:
+
+- ``full``: full-rank, as the run went on;
+- ``svd``: every projection cut by SVD to one rank and trained as two balanced factors ``B A`` (svd-finetune's form);
+- ``tb``: OIALR with ``stored_budget`` and ``train_bases`` (``U Σ Vᵀ``, all three trained), no basis update;
+- ``tb-upd``: the same with a basis update every ``--update-every`` steps;
+
+and print validation bits per byte (first ``--windows`` windows of 256 bytes) right after the cut and at three
+points. Run::
+
+    PYTHONPATH=src .venv/bin/python benchmarks/lowrank_continue.py runs/X/checkpoint.pt --lr 0.00037
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from oialr import OIALR, OIALRConfig
+from oialr.baselines.factorized import FactorizedTraining
+from oialr.cli.checkpoint import read_checkpoint, resumed_config
+from oialr.cli.data import load_dataset
+from oialr.cli.models import build_model
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--lr", type=float, required=True)
+    parser.add_argument("--budget", type=float, default=0.3)
+    parser.add_argument("--rank", type=int, default=68, help="svd's rank (68 of 384 stores 0.3 of the projections)")
+    parser.add_argument("--update-every", type=int, default=50)
+    parser.add_argument("--windows", type=int, default=96)
+    parser.add_argument("--variants", default="full,svd,tb,tb-upd")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    state = read_checkpoint(args.checkpoint)
+    cfg = resumed_config(state, args.checkpoint, None, None)
+    data = load_dataset(cfg.dataset, cfg.data_dir, context_length=cfg.context_length)
+    n = cfg.context_length + 1
+    windows = torch.stack([data.val[i * n:(i + 1) * n].long() for i in range(args.windows)])
+
+    @torch.no_grad()
+    def val_bpb(model):
+        model.eval()
+        total = sum(F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+                    for w in windows.split(16))
+        model.train()
+        return total / windows[:, 1:].numel() / math.log(2)
+
+    for kind in args.variants.split(","):
+        model = build_model(cfg.model, data.input_shape, data.num_classes, **cfg.model_args)
+        model.load_state_dict(state["model"])
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=cfg.weight_decay)
+        optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
+        ctl = None
+        if kind == "svd":
+            ctl = FactorizedTraining(model, optimizer, OIALRConfig(), args.rank, 0)
+        elif kind in ("tb", "tb-upd"):
+            ctl = OIALR(model, optimizer, OIALRConfig(warmup_steps=0, cutoff=0.0, stored_budget=args.budget,
+                                                      train_bases=True,
+                                                      update_every=args.update_every if kind == "tb-upd" else 10 ** 9))
+        generator = torch.Generator().manual_seed(1)
+        start, curve, began = val_bpb(model), [], time.time()
+        for step in range(1, args.steps + 1):
+            idx = torch.randint(0, len(data.train) - n, (cfg.batch_size,), generator=generator)
+            batch = torch.stack([data.train[i:i + n].long() for i in idx])
+            optimizer.zero_grad()
+            F.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten()).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            if ctl is not None:
+                ctl.step()
+            if step % (args.steps // 3) == 0:
+                curve.append(f"{val_bpb(model):.4f}")
+        print(f"{kind}: after the cut {start:.4f}, then {' '.join(curve)} ({time.time() - began:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
