@@ -6,6 +6,8 @@ steps at a fixed learning rate as:
 - ``svd``: every projection cut by SVD to one rank and trained as two balanced factors ``B A`` (svd-finetune's form);
 - ``tb``: OIALR with ``stored_budget`` and ``train_bases`` (``U Σ Vᵀ``, all three trained), no basis update;
 - ``tb-upd``: the same with a basis update every ``--update-every`` steps;
+- ``svd-budget``: ``B A`` at the ranks ``tb`` gets from the budget; ``tb-uniform``: ``U Σ Vᵀ`` at ``svd``'s rank
+  (which form learns faster, and which ranks);
 
 and print validation bits per byte (first ``--windows`` windows of 256 bytes) right after the cut and at three
 points. Run::
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
+import os
+import tempfile
 import time
 
 import torch
@@ -65,6 +70,12 @@ def main(argv=None):
         ctl = None
         if kind == "svd":
             ctl = FactorizedTraining(model, optimizer, OIALRConfig(), args.rank, 0)
+        elif kind == "svd-budget":
+            ctl = FactorizedTraining(model, optimizer, OIALRConfig(), budget_ranks(model, args.budget), 0)
+        elif kind == "tb-uniform":
+            fraction = args.rank / min(model.lm.config.hidden_size, model.lm.config.intermediate_size)
+            ctl = OIALR(model, optimizer, OIALRConfig(warmup_steps=0, cutoff=0.0, train_bases=True,
+                                                      update_every=10 ** 9, rank_fraction=fraction))
         elif kind in ("tb", "tb-upd"):
             ctl = OIALR(model, optimizer, OIALRConfig(warmup_steps=0, cutoff=0.0, stored_budget=args.budget,
                                                       train_bases=True,
@@ -83,6 +94,18 @@ def main(argv=None):
             if step % (args.steps // 3) == 0:
                 curve.append(f"{val_bpb(model):.4f}")
         print(f"{kind}: after the cut {start:.4f}, then {' '.join(curve)} ({time.time() - began:.0f} s)", flush=True)
+
+
+def budget_ranks(model, budget: float) -> str:
+    """The ranks OIALR's budget gives ``model``'s layers, as a results.json file (FactorizedTraining's rank file)."""
+    probe = copy.deepcopy(model)
+    ctl = OIALR(probe, torch.optim.SGD(probe.parameters(), lr=0.0), OIALRConfig(warmup_steps=0, cutoff=0.0,
+                                                                              stored_budget=budget))
+    layers = {name: {"rank": layer["rank"]} for name, layer in ctl.summary()["layers"].items()}
+    path = os.path.join(tempfile.mkdtemp(), "results.json")
+    with open(path, "w") as f:
+        json.dump({"layers": layers}, f)
+    return path
 
 
 if __name__ == "__main__":
