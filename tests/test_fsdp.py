@@ -3,6 +3,7 @@ the transition and rank changes, each shard holds the rows of the single-process
 resumes bit for bit (and loads into another number of processes), tied weights and a kept-dense layer stay in the
 root unit, and the CLI's ``parallel: fsdp`` reaches the low-rank phase as one process does."""
 import json
+import signal
 import os
 import subprocess
 import sys
@@ -365,3 +366,82 @@ def test_cli_fsdp_reaches_low_rank_as_one_process(data_dir, tmp_path):  # noqa: 
     for a, b in zip(two_rows, one_rows):            # measured: 4e-7 relative
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5)
+
+
+STOP_AT = 40                    # a stop poll of 2 processes (every 10 steps), mid-epoch 3 (batch 10 of 15)
+
+
+def _started(cache, out):
+    """A new fsdp run of :func:`tiny` (MNIST-1D cached in ``cache``) in ``out``: 45 steps (3 epochs), a metrics
+    row every 10 steps and at the end of each epoch, the transition at step 20 and rank changes at the updates 27,
+    34 and 41 (cutoff 0.3)."""
+    from oialr.cli.start import start_or_resume
+    cfg = tiny(cache, parallel="fsdp", eval_every=10, oialr={"warmup_steps": 20, "update_every": 7, "cutoff": 0.3})
+    return start_or_resume(cfg, out, False, log=lambda *args, **kwargs: None)
+
+
+def _stopped(cache, out):
+    """:func:`_started`, stopped after step ``STOP_AT`` (a checkpoint, as at a SIGTERM)."""
+    from oialr.cli.interrupts import Interrupted
+    run = _started(cache, out)
+    real_step = run._train_step
+
+    def step(x, y):
+        real_step(x, y)
+        if run.step == STOP_AT:
+            run._stop_signal = signal.SIGTERM
+
+    run._train_step = step
+    with pytest.raises(Interrupted, match=f"SIGTERM at step {STOP_AT}"):
+        run.train()
+
+
+def _resumed(out) -> tuple[int, int]:
+    """``oialr train --resume --out out`` (no settings given) in this process; where it resumed."""
+    from oialr.cli.start import start_or_resume
+    run = start_or_resume(None, out, True, log=lambda *args, **kwargs: None)
+    at = run.step, run.batch_in_epoch
+    run.train()
+    return at
+
+
+def _world_change_worker(rank, world, init_file, cache, out):
+    """2 processes: a run stopped after ``STOP_AT`` (resumed by 1 process in the test), and the 1-process run
+    stopped likewise resumed here."""
+    _init(rank, world, init_file)
+    _stopped(cache, os.path.join(out, "two_to_one"))
+    at = _resumed(os.path.join(out, "one_to_two"))
+    torch.save(at, os.path.join(out, f"one_to_two_at{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_cli_resumes_an_fsdp_run_on_another_number_of_processes(data_dir, tmp_path):  # noqa: F811
+    """``oialr train --resume`` (:func:`oialr.cli.start.start_or_resume`, no settings given) of a ``parallel: fsdp``
+    run stopped mid-epoch after rank changes, 2 processes → 1 and 1 → 2: it goes on from the same step and batch,
+    and every metrics row (ranks; train loss since the row before, whose sums the other number of processes saved;
+    test loss) and the final weights ``U Σ Vᵀ`` equal the uninterrupted 1-process run up to summation order.
+    Measured: 2 → 1 losses within 1.5e-7 relative, weights within 1e-6; 1 → 2 within 1.2e-8 and 3e-8."""
+    from safetensors.torch import load_file
+    _stopped(data_dir, str(tmp_path / "one_to_two"))
+    _spawn(_world_change_worker, str(tmp_path / "init"), data_dir, str(tmp_path))
+    assert _resumed(str(tmp_path / "two_to_one")) == (STOP_AT, 10)
+    assert [torch.load(tmp_path / f"one_to_two_at{r}.pt") for r in (0, 1)] == [(STOP_AT, 10)] * 2
+    _started(data_dir, str(tmp_path / "straight1")).train()
+    runs = {name: ([json.loads(line) for line in open(tmp_path / name / "metrics.jsonl")],
+                   _effective(load_file(tmp_path / name / "model" / "model.safetensors")))
+            for name in ("straight1", "two_to_one", "one_to_two")}
+    for name in runs:
+        assert [p.name for p in (tmp_path / name).iterdir() if p.name.startswith("sharded-")] == ["sharded-45-0"]
+    rows, weights = runs.pop("straight1")
+    ranks = [row["ranks"] for row in rows]
+    assert [row["step"] for row in rows] == [10, 15, 20, 30, 40, 45]
+    assert ranks[2] != ranks[3] != ranks[4] != ranks[5], "the test needs rank changes before and after the stop"
+    for name, (other_rows, other_weights) in runs.items():
+        assert [row["ranks"] for row in other_rows] == ranks, name
+        for a, b in zip(other_rows, rows):
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5), name
+            assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5), name
+        assert other_weights.keys() == weights.keys()
+        for key, t in weights.items():
+            torch.testing.assert_close(other_weights[key], t, rtol=0, atol=2e-5, msg=f"{name}: {key}")
+    assert [json.load(open(tmp_path / name / "results.json"))["world_size"] for name in runs] == [1, 2]
