@@ -281,6 +281,25 @@ def test_budget_follows_one_process(tmp_path, options):
     assert ranks[-1] != ranks[2]
 
 
+def test_sharded_checkpoint_with_a_budget_resumes_bit_for_bit(tmp_path):
+    """``stored_budget``, 2 sharded processes: a checkpoint after a rank change (step ``SAVE_AT``), loaded by 2
+    fresh processes, goes on with every loss, rank, parameter and optimizer state entry bitwise equal to the
+    uninterrupted run. With ``train_bases`` (``U``, ``V`` and their Adam state) the budget's ranks change at step 7,
+    before the checkpoint, and at 9 and 11 after it (alone only at 9)."""
+    options = {"out": str(tmp_path), "stored_budget": 0.9, "train_bases": True}
+    _spawn(_options_worker, str(tmp_path / "init_run"), str(tmp_path), options)
+    run = torch.load(tmp_path / "run0.pt", weights_only=True)
+    _spawn(_options_worker, str(tmp_path / "init_resumed"), str(tmp_path), {**options, "resume": True})
+    resumed = torch.load(tmp_path / "run0.pt", weights_only=True)
+    ranks = [tuple(r.values()) for r in run["log"]["ranks"]]
+    assert ranks[2] != ranks[SAVE_AT - 1] != ranks[-1], "the test needs rank changes before and after the checkpoint"
+    assert resumed["log"]["ranks"] == run["log"]["ranks"][SAVE_AT:]
+    assert resumed["log"]["losses"] == run["log"]["losses"][SAVE_AT:]
+    assert resumed["full"].keys() == run["full"].keys()
+    for name, t in run["full"].items():
+        assert torch.equal(resumed["full"][name], t), name
+
+
 def test_checkpoint_taken_at_the_transition_resumes_exactly(tmp_path):
     """Σ has no optimizer state until the step after the transition: the resumed optimizer has none either (DCP's
     template would give it zeros), and the run goes on bitwise as the uninterrupted one (one process)."""
