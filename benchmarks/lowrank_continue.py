@@ -8,6 +8,10 @@ steps at a fixed learning rate as:
 - ``tb-upd``: the same with a basis update every ``--update-every`` steps;
 - ``svd-budget``: ``B A`` at the ranks ``tb`` gets from the budget; ``tb-uniform``: ``U Σ Vᵀ`` at ``svd``'s rank
   (which form learns faster, and which ranks);
+- ``frozen``: OIALR as in the paper at the budget's ranks (``U``, ``V`` frozen, only ``Σ`` trains);
+- ``frozen-scaled``, ``tb-scaled``: ``frozen`` and ``tb`` with each ``Σ``'s learning rate times ``√(m n) / r``, so
+  that an Adam step moves ``U Σ Vᵀ`` as far (Frobenius norm, ``lr·r`` for ``Σ``) as it moves a dense weight
+  (``lr·√(m n)``);
 
 and print validation bits per byte (first ``--windows`` windows of 256 bytes) right after the cut and at three
 points. Run::
@@ -76,10 +80,12 @@ def main(argv=None):
             fraction = args.rank / min(model.lm.config.hidden_size, model.lm.config.intermediate_size)
             ctl = OIALR(model, optimizer, OIALRConfig(warmup_steps=0, cutoff=0.0, train_bases=True,
                                                       update_every=10 ** 9, rank_fraction=fraction))
-        elif kind in ("tb", "tb-upd"):
+        elif kind in ("tb", "tb-upd", "frozen", "frozen-scaled", "tb-scaled"):
             ctl = OIALR(model, optimizer, OIALRConfig(warmup_steps=0, cutoff=0.0, stored_budget=args.budget,
-                                                      train_bases=True,
+                                                      train_bases=kind.startswith("tb"),
                                                       update_every=args.update_every if kind == "tb-upd" else 10 ** 9))
+            if kind.endswith("-scaled"):
+                scale_sigma_rates(ctl, optimizer, args.lr)
         generator = torch.Generator().manual_seed(1)
         start, curve, began = val_bpb(model), [], time.time()
         for step in range(1, args.steps + 1):
@@ -94,6 +100,17 @@ def main(argv=None):
             if step % (args.steps // 3) == 0:
                 curve.append(f"{val_bpb(model):.4f}")
         print(f"{kind}: after the cut {start:.4f}, then {' '.join(curve)} ({time.time() - began:.0f} s)", flush=True)
+
+
+def scale_sigma_rates(ctl, optimizer, lr: float) -> None:
+    """Move every layer's ``Σ (r×r)`` into a param group of its own at ``lr · √(m n) / r``."""
+    for layer in ctl.lowrank_layers().values():
+        m, n = layer.matrix_shape
+        sigma = layer.lowrank_S
+        group = next(g for g in optimizer.param_groups if any(p is sigma for p in g["params"]))
+        group["params"] = [p for p in group["params"] if p is not sigma]
+        optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"}, "params": [sigma],
+                                   "lr": lr * (m * n) ** 0.5 / layer.rank})
 
 
 def budget_ranks(model, budget: float) -> str:
