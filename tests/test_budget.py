@@ -1,4 +1,7 @@
 """The size budget: ranks allocated across layers (oialr.budget) and the controller that meets it."""
+import copy
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -8,6 +11,7 @@ from oialr.cli.settings import ConfigError, build_config
 from oialr.budget import (allocate_ranks, check_budget, marginal_cost, min_stored_fraction, stored_fraction,
                           update_ranks)
 from oialr.factorize import cut_rank, stored_params
+from oialr.output_sample import output_values, sample_rows
 from models import MODELS, batches
 
 
@@ -42,14 +46,103 @@ def test_allocation_favours_the_layer_whose_energy_is_concentrated():
     assert _within_one_step([(16, 16)] * 2, ranks, [16, 16], 0.5)
 
 
-def test_allocation_spreads_the_error_evenly_over_layers_of_different_cost():
-    """Flat spectra in a 64x16 and a 16x16 layer: each keeps the same share of its energy (r/16), although a value
-    of the wide layer costs 2.4x more; ranking values by energy per stored parameter would leave the wide layer at
-    rank 1 and give the narrow one 10."""
+def test_allocation_weighs_the_squared_error_against_the_cost():
+    """Flat spectra in a 64x16 and a 16x16 layer, whose values cost 81+2r and 33+2r: the squared errors give the
+    cheaper layer more (8) without starving the wide one (2); the summed error per parameter would leave the wide
+    layer at rank 1 and give the narrow one 10, the largest error minimised would give both 4 (blind to cost)."""
     flat = torch.ones(16)
     ranks = allocate_ranks([flat, flat], [(64, 16), (16, 16)], 0.4, [1, 1], [16, 16])
-    assert ranks == [4, 4]
+    assert ranks == [2, 8]
     assert _within_one_step([(64, 16), (16, 16)], ranks, [16, 16], 0.4)
+
+
+def test_allocation_reads_the_output_scales_not_the_singular_values():
+    """Two 64x64 layers with the same singular values (16 kept); in the first the trailing 8 components carry most
+    of the output, in the second the leading 8: from the output scales the first takes more rank (reaching its
+    strong components past weak ones, which one value at a time would not), from the singular values alone both
+    get about the same."""
+    s = torch.linspace(2, 1, 16)
+    tail_heavy = s * torch.cat([torch.ones(8), torch.full((8,), 10.0)])
+    head_heavy = s * torch.cat([torch.full((8,), 10.0), torch.full((8,), 0.1)])
+    shapes = [(64, 64)] * 2
+    assert allocate_ranks([tail_heavy, head_heavy], shapes, 0.3, [1, 1], [16, 16]) == [12, 5]
+    assert allocate_ranks([s, s], shapes, 0.3, [1, 1], [16, 16]) == [9, 8]
+
+
+def test_output_values_are_the_components_output_scales():
+    """``√mean (Y u_i)²`` of output rows ``Y = X Wᵀ`` equals ``s_i √mean (X v_i)²`` (float64, exact up to rounding);
+    no rows, or rows of zeros, give the singular values back."""
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(12, 9, generator=g, dtype=torch.float64), torch.randn(50, 9, generator=g, dtype=torch.float64)
+    X[:, 0] *= 30                                   # an anisotropic input
+    U, s, Vh = torch.linalg.svd(W, full_matrices=False)
+    expected = s * (X @ Vh.mT).pow(2).mean(0).sqrt()
+    torch.testing.assert_close(output_values(s, U, X @ W.mT), expected)
+    assert output_values(s, U, None) is s and output_values(s, U, torch.zeros(5, 12)) is s
+
+
+def test_sampled_rows_put_channels_last_and_remove_the_bias():
+    g = torch.Generator().manual_seed(0)
+    conv_out, bias = torch.randn(6, 5, 4, 4, generator=g), torch.randn(5, generator=g)
+    rows = sample_rows(conv_out, bias, channel_dim=1, rows=40)    # 16 positions per image: 3 images of 6
+    assert rows.shape == (40, 5)
+    torch.testing.assert_close(rows[:16], conv_out[0].permute(1, 2, 0).reshape(16, 5) - bias)
+    torch.testing.assert_close(rows[16:32], conv_out[2].permute(1, 2, 0).reshape(16, 5) - bias)
+    tokens = torch.randn(4, 100, 3, generator=g)
+    rows = sample_rows(tokens, None, channel_dim=-1, rows=100)    # every 4th of 400 rows
+    torch.testing.assert_close(rows, tokens.reshape(400, 3)[::4])
+    rows[0, 0] = 123.0
+    assert tokens.reshape(400, 3)[0, 0] != 123.0                  # a copy
+
+
+def _first_layer_model():
+    """A first layer ``W = U diag(s) Vᵀ`` (32x4, ``s = 100, 10, 1, 0.01``) whose input lies along ``v_4``, the
+    weakest right singular vector; then a 32x32 layer and a head (kept dense)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 32, bias=False), nn.Linear(32, 32), nn.Linear(32, 3))
+    U, _, Vh = torch.linalg.svd(torch.randn(32, 4), full_matrices=False)
+    with torch.no_grad():
+        model[0].weight.copy_(U @ torch.diag(torch.tensor([100.0, 10.0, 1.0, 0.01])) @ Vh)
+    x = 100 * torch.randn(64, 1) * Vh[-1] + 1e-4 * torch.randn(64, 4)
+    return model, x
+
+
+@pytest.mark.parametrize("recorded", [True, False])
+def test_the_budget_keeps_what_the_recorded_outputs_need(recorded):
+    """The transition's allocation weighs each component by its output on the last training batch: the first layer,
+    whose input lies along its weakest singular direction, keeps its full rank (its output unchanged) when a
+    training forward was recorded; from the singular values alone (an evaluation-mode forward is not recorded) its
+    weakest value goes, and its output with it."""
+    model, x = _first_layer_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ctl = OIALR(model, opt, OIALRConfig(warmup_steps=1, cutoff=0.0, stored_budget=0.4))
+    before = model.eval()[0](x).detach()
+    model.train(recorded)
+    model(x).sum().backward()
+    opt.step()
+    ctl.step()
+    ranks = [layer.rank for layer in ctl.lowrank_layers().values()]
+    error = ((model[0](x) - before).norm() / before.norm()).item()
+    if recorded:
+        assert ranks[0] == 4 and error < 1e-2, (ranks, error)
+    else:
+        assert ranks[0] < 4 and error > 0.9, (ranks, error)
+    assert ctl.summary()["stored_fraction"] <= 0.4
+
+
+def test_recording_leaves_copies_and_saving_alone():
+    """Only the controller's model records into its sampler (a deep copy, e.g. an averaged model, records into its
+    own copy), the model still pickles whole, and rows of another width fall back to the singular values."""
+    model, x = _first_layer_model()
+    ctl = OIALR(model, torch.optim.SGD(model.parameters(), lr=0.0), OIALRConfig(warmup_steps=5, stored_budget=0.4))
+    model(x)
+    rows = ctl._outputs.rows["0"]
+    assert rows.shape == (64, 32) and sorted(ctl._outputs.rows) == ["0", "1"]
+    copy.deepcopy(model)(2 * x)
+    assert ctl._outputs.rows["0"] is rows
+    torch.save(model, io.BytesIO())
+    s = torch.ones(4)
+    assert output_values(s, torch.eye(32)[:, :4], torch.ones(3, 31)) is s
 
 
 def test_allocation_respects_floors_and_caps():

@@ -64,6 +64,9 @@ def _worker(rank, world, init_file, out):
                             timeout=datetime.timedelta(seconds=60))
     logs = {name: _train(rank, world, options) for name, options in CONFIGS.items()}
     logs["restarted"] = _train(rank, world, CONFIGS["budget+growth"], restart_after=7)   # step 8 records
+    logs["gathered"] = [distributed.gather_rows(torch.full((rank + 1, 3), float(rank)), 3),   # uneven counts
+                        distributed.gather_rows(None if rank == 0 else torch.ones(2, 3), 3),
+                        distributed.gather_rows(None, 3)]
     torch.save(logs, os.path.join(out, f"log{rank}.pt"))
     dist.destroy_process_group()
 
@@ -81,6 +84,10 @@ def test_budget_and_growth_identical_on_both_processes(tmp_path):
         assert grown, f"{name}: the test needs growth"
         if "budget" in name:
             assert all(f <= 0.5 for f in log0["fraction"][1:]), name
+    # the budget's recorded output rows, stacked on process 0 in process order
+    assert torch.equal(logs[0]["gathered"][0], torch.tensor([[0.0] * 3, [1.0] * 3, [1.0] * 3]))
+    assert torch.equal(logs[0]["gathered"][1], torch.ones(2, 3)) and logs[0]["gathered"][2] is None
+    assert logs[1]["gathered"] == [None, None, None]
     restarted = logs[0]["restarted"]
     assert restarted["ranks"] == logs[0]["budget+growth"]["ranks"] and all(restarted["agree"])
     assert restarted["final"] == logs[0]["budget+growth"]["final"] == logs[1]["restarted"]["final"]

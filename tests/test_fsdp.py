@@ -275,9 +275,9 @@ def test_budget_follows_one_process(tmp_path, options):
     """``stored_budget``: the transition's ranks come from every weight's singular values, each weight gathered in
     turn (the budget binds: no layer could take one more value), and the updates cut each layer as one process
     does, here changing ranks. Measured: losses within 4e-7 relative, tensors within 2e-5 of their largest entry."""
-    ranks = [tuple(r.values()) for r in _follows_one_process(tmp_path, stored_budget=0.9, **options)[0]]
+    ranks = [tuple(r.values()) for r in _follows_one_process(tmp_path, stored_budget=0.8, **options)[0]]
     shapes = [(33, 16), (24, 33)]
-    assert _within_one_step(shapes, ranks[2], [min(shape) for shape in shapes], 0.9)
+    assert _within_one_step(shapes, ranks[2], [min(shape) for shape in shapes], 0.8)
     assert ranks[-1] != ranks[2]
 
 
@@ -285,7 +285,7 @@ def test_sharded_checkpoint_with_a_budget_resumes_bit_for_bit(tmp_path):
     """``stored_budget``, 2 sharded processes: a checkpoint after a rank change (step ``SAVE_AT``), loaded by 2
     fresh processes, goes on with every loss, rank, parameter and optimizer state entry bitwise equal to the
     uninterrupted run. With ``train_bases`` (``U``, ``V`` and their Adam state) the budget's ranks change at step 7,
-    before the checkpoint, and at 9 and 11 after it (alone only at 9)."""
+    before the checkpoint, and at 9 and 13 after it."""
     options = {"out": str(tmp_path), "stored_budget": 0.9, "train_bases": True}
     _spawn(_options_worker, str(tmp_path / "init_run"), str(tmp_path), options)
     run = torch.load(tmp_path / "run0.pt", weights_only=True)

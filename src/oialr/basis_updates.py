@@ -7,29 +7,36 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from . import budget, distributed, growth, optim_state
+from . import budget, distributed, growth, linalg, optim_state
 from .config import OIALRConfig
 from .factorize import BasisUpdate, Factors, cut_rank, placeholder_factors, rotation, truncate
 from .layers import LowRankLayer
+from .output_sample import output_values
 from .targets import as_matrix, layer_weight
 
 
 def update_all(layers: dict[str, LowRankLayer], optimizer, config: OIALRConfig,
-               grads: dict[str, tuple[Tensor, Tensor]] | None) -> tuple[bool, dict[str, int]]:
+               grads: dict[str, tuple[Tensor, Tensor]] | None,
+               outputs: dict[str, Tensor] | None = None) -> tuple[bool, dict[str, int]]:
     """Basis update of every layer in ``layers`` (:func:`oialr.factorize.rotation`, then :func:`~oialr.factorize.
     truncate` to :func:`~oialr.factorize.cut_rank`, or, with ``config.stored_budget`` and ``augment_bases``, to
-    :func:`oialr.budget.update_ranks` over all ``layers``: without growth the ranks never exceed the transition's
-    allocation, and the budget's allocation is then every layer's cut, so the layers are independent), computed by
-    process 0 and broadcast, applied on every process (:func:`apply_factors`); then, with ``grads``
-    (``augment_bases``: the recorded ``∂L/∂U``, ``∂L/∂V``), every layer widened (:func:`oialr.growth.widen_all`).
-    The caller has checked the factors (:func:`oialr.health.check_layers`). Returns whether Parameter objects were
-    replaced and the ranks the cut kept (before growth)."""
+    :func:`oialr.budget.update_ranks` over all ``layers``, each component weighed by its output scale on the
+    recorded ``outputs`` rows of every process (:func:`oialr.output_sample.output_values`): without growth the
+    ranks never exceed the transition's allocation, and the budget's allocation is then every layer's cut, so the
+    layers are independent), computed by process 0 and broadcast, applied on every process (:func:`apply_factors`);
+    then, with ``grads`` (``augment_bases``: the recorded ``∂L/∂U``, ``∂L/∂V``), every layer widened
+    (:func:`oialr.growth.widen_all`). The caller has checked the factors (:func:`oialr.health.check_layers`).
+    Returns whether Parameter objects were replaced and the ranks the cut kept (before growth)."""
     updates = None
+    allocate = config.stored_budget is not None and config.augment_bases
+    rows = {name: distributed.gather_rows((outputs or {}).get(name), layer.matrix_shape[0])
+            for name, layer in layers.items()} if allocate else {}
     if distributed.is_source():
         rotations = [rotation(layer.lowrank_U, layer.lowrank_S, layer.lowrank_V) for layer in layers.values()]
-        if config.stored_budget is not None and config.augment_bases:
+        if allocate:
+            values = [output_values(rot.s, rot.Q_U @ rot.u, rows[name]) for name, rot in zip(layers, rotations)]
             keep = budget.update_ranks([rot.s for rot in rotations], [layer.matrix_shape for layer in layers.values()],
-                                       config)
+                                       config, values)
         else:                                       # without growth a budget's allocation is each layer's cut
             keep = [cut_rank(rot.s, config) for rot in rotations]
         updates = [truncate(rot, k) for rot, k in zip(rotations, keep)]
@@ -90,21 +97,32 @@ def restore_ranks(layers: dict[str, LowRankLayer], optimizer, ranks: dict[str, i
     return replaced
 
 
-def transition_ranks(model: nn.Module, targets: list[str], config: OIALRConfig,
-                     whole: Callable[[Tensor], Tensor]) -> dict[str, int] | None:
+def transition_ranks(model: nn.Module, targets: list[str], config: OIALRConfig, whole: Callable[[Tensor], Tensor],
+                     outputs: dict[str, Tensor] | None = None) -> dict[str, int] | None:
     """The ranks ``config.stored_budget`` gives the layers ``targets`` at the transition
-    (:func:`oialr.budget.transition_ranks`), allocated on process 0 from every weight's singular values and broadcast;
-    ``None`` without a budget. One weight at a time: ``whole`` gives its full value (under FSDP2 an all-gather, which
-    every process calls), process 0 takes its singular values, and it is dropped before the next."""
+    (:func:`oialr.budget.transition_ranks`), allocated on process 0 from every weight's singular values and their
+    output scales on the recorded ``outputs`` rows of every process (:mod:`oialr.output_sample`, gathered on
+    process 0; the singular values alone for a layer without rows), and broadcast; ``None`` without a budget. One
+    weight at a time: ``whole`` gives its full value (under FSDP2 an all-gather, which every process calls),
+    process 0 takes its SVD, and it is dropped before the next."""
     if config.stored_budget is None:
         return None
-    spectra, shapes = [], []
+    spectra, values, shapes = [], [], []
     for name in targets:
         module, weight = layer_weight(model, name)
         matrix = as_matrix(module, whole(weight))
         shapes.append(tuple(matrix.shape))
+        rows = distributed.gather_rows((outputs or {}).get(name), matrix.shape[0])
         if distributed.is_source():
-            spectra.append(budget.spectrum(matrix))
+            if rows is None:
+                spectra.append(budget.spectrum(matrix))
+                values.append(spectra[-1])
+            else:
+                U, s, _ = linalg.svd(matrix)
+                spectra.append(s)
+                values.append(output_values(s, U, rows))
+                del U
         del module, weight, matrix
-    ranks = budget.transition_ranks(spectra, shapes, config) if distributed.is_source() else [0] * len(targets)
+    ranks = budget.transition_ranks(spectra, shapes, config, values) if distributed.is_source() \
+        else [0] * len(targets)
     return dict(zip(targets, distributed.broadcast_ints(ranks)))

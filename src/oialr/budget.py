@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -37,74 +37,72 @@ def check_budget(shapes: Sequence[tuple[int, int]], budget: float, min_rank: int
                          "lower min_rank, or convert fewer layers (exclude_modules)")
 
 
-def allocate_ranks(spectra: Sequence[Tensor], shapes: Sequence[tuple[int, int]], budget: float,
+def allocate_ranks(values: Sequence[Tensor], shapes: Sequence[tuple[int, int]], budget: float,
                    floors: Sequence[int], caps: Sequence[int]) -> list[int]:
-    """Ranks ``r_l`` for layers ``W_l (m_l×n_l)`` with singular values ``spectra[l]`` (descending), such that
-    ``Σ_l r_l(m_l+n_l+r_l) <= budget · Σ_l m_l n_l`` whenever the floors allow it, and ``floors[l] <= r_l <= caps[l]``.
+    """Ranks ``r_l`` for layers ``W_l (m_l×n_l)`` such that ``Σ_l r_l(m_l+n_l+r_l) <= budget · Σ_l m_l n_l``
+    whenever the floors allow it, and ``floors[l] <= r_l <= caps[l]``. ``values[l]``: what each of layer ``l``'s
+    singular components contributes, in the order a cut keeps them (a rank-``r`` cut keeps the first ``r``): the
+    output scales ``t_i = s_i √E[(v_iᵀx)²]`` of :func:`oialr.output_sample.output_values`, or the singular values
+    ``s_i`` where no output was recorded (inputs taken as isotropic).
 
-    The rule spreads the error evenly: cutting ``W_l`` to rank ``r`` loses the relative energy
-    ``e_l(r) = Σ_{i>=r} s_i² / Σ_i s_i²`` (its squared relative Frobenius error), and the ranks minimise the largest
-    ``e_l`` of any layer under the budget. Greedily (:func:`greedy_ranks`): from the floors, repeatedly give one more
-    value to the layer with the largest ``e_l(r_l)`` while its :func:`marginal_cost` ``m+n+2r+1`` fits, so every
-    layer keeps about the same share of its energy (the energy analogue of ``cutoff``, which keeps every layer's
-    values above the same share of ``s_1``); ``e_l`` only falls with ``r``, so each layer keeps a prefix of its
-    spectrum. A layer whose next value does not fit never grows again (the room left only shrinks), so at the end
-    every layer below its cap is within one rank step of the budget: ``budget · Σ m n − stored < m_l+n_l+2r_l+1``.
+    Cutting layer ``l`` to rank ``r`` loses the relative output energy ``e_l(r) = Σ_{i>=r} t_i² / Σ_i t_i²`` (the
+    squared relative error of its output on the recorded rows), and the ranks minimise ``Σ_l e_l(r_l)²`` under the
+    budget, greedily: from the floors, repeatedly grow the layer whose next block of values lowers the sum most per
+    stored parameter, a block ``r → j`` scoring ``(e_l(r)² − e_l(j)²) / (j(m+n+j) − r(m+n+r))`` for the best ``j``
+    that fits the room left (a block, not one value: with output scales a weak value can precede a strong one, and
+    one value at a time would never reach it). A layer stops when its next value (:func:`marginal_cost`
+    ``m+n+2r+1``) no longer fits; the room only shrinks, so at the end every layer below its cap is within one rank
+    step of the budget: ``budget · Σ m n − stored < m_l+n_l+2r_l+1``. The square makes one large error cost more
+    than several small ones, so no layer is starved; the cost per parameter keeps cheap layers (a first layer on raw
+    pixels) whole.
 
-    Why not the sum ``Σ_l e_l``, i.e. values ranked by ``s_i²/Σ s²`` per stored parameter (this rule until
-    2026-12-02): it starves layers with a flat spectrum and a high cost per value. On the byte-level Llama of
-    ``configs/lm_llama.yaml`` it cut the MLP projections (1024×384) to ranks 29-42 at a budget of 0.3 while the
-    attention projections kept 89-118, and training then trailed full-rank by 3%. Measured by
-    ``benchmarks/budget_rules.py`` (one-shot truncation of a trained model, then its loss; lower is better), this
-    rule against the sum: the Llama after 720 full-rank steps (val bits per byte; dense 2.5895) 2.8787 vs 3.0363 at
-    0.3 (one rank fraction for all: 2.9214), 4.5116 vs 5.6508 at 0.1; MNIST-1D MLP (test loss; dense 0.952) 0.963
-    vs 0.974 at 0.5, 1.001 vs 1.001 at 0.25, 1.958 vs 1.248 at 0.1; MNIST-1D CNN (dense 0.098) 0.104 vs 0.098 at
-    0.5, 0.118 vs 0.097 at 0.25, 1.623 vs 0.804 at 0.1. It loses on the small MNIST-1D models at deep cuts, where
-    the sum keeps a narrow first layer whole, and wins where most parameters sit in wide layers with flat spectra,
-    as in transformers. Weighting each layer by its size (``m·n · s_i²/Σ s²`` per parameter) did as well on the
-    Llama (2.8875, 4.4691) but cut the MLP's narrow input layer to rank 1 at 0.1 (test loss 7.3); the loss
-    increase predicted from Adam's second moments (``s_i²`` times the Fisher diagonal in the singular basis) gave
-    the Llama ranks from 1 to 202 and 3.3649 at 0.3.
+    Measured by ``benchmarks/budget_rules.py`` (one-shot truncation of a model trained full-rank to its
+    transition step, then its loss; lower is better; docs/results/budget_rules.md), this rule was the only one
+    tried that never failed: test loss of the Fashion-MNIST ResNet-18 (dense 0.4930) at budgets 0.5 / 0.25 / 0.1
+    0.4917 / 0.5095 / 0.6950; mini-ViT (0.8469) 0.8531 / 0.8859 / 0.9404; byte-level Llama, val bits per byte
+    (2.5895), at 0.5 / 0.3 / 0.1 2.7198 / 2.8971 / 4.2136; the same rule on the singular values alone: ViT 2.7487 /
+    2.7768 / 2.9200, Llama 4.8997 at 0.1.
+    The rule before it (until 2026-12-03) minimised the largest ``e_l`` with ``t = s``: Llama 2.6991 / 2.8787 /
+    4.5116, but ResNet-18 1.357 / 1.957 / 2.638 and mini-ViT 2.934 / 3.078 / 3.201, because it cut the cheap first
+    layer (whose small singular directions carry the pixels' strongest inputs) as hard as the rest. The summed
+    ``e_l`` per parameter (until 2026-12-02) starved the Llama's MLP (3.036 at 0.3).
 
     If the floors alone exceed the budget the floors are returned (the caller decides whether that is an error).
     """
-    if not (len(spectra) == len(shapes) == len(floors) == len(caps)):
-        raise ValueError("spectra, shapes, floors and caps must have one entry per layer")
-    residuals = []                                  # residuals[l][i] = e_l(i): the energy share beyond the first i
-    for s in spectra:
-        squares = s.double() ** 2
-        total = squares.sum()
-        tail = squares.flip(0).cumsum(0).flip(0)
-        residuals.append((tail / total if total > 0 else torch.zeros_like(tail)).tolist())
-
-    def score(layer: int, i: int) -> float:
-        return residuals[layer][i]
-
-    return greedy_ranks(score, shapes, budget, floors, [min(c, len(e)) for c, e in zip(caps, residuals)])
-
-
-def greedy_ranks(score: Callable[[int, int], float], shapes: Sequence[tuple[int, int]], budget: float,
-                 floors: Sequence[int], caps: Sequence[int]) -> list[int]:
-    """The greedy pass of :func:`allocate_ranks` for any ``score(layer, i)`` of value ``i`` of a layer (which should
-    not increase with ``i``): from the floors, repeatedly grow the layer whose next value scores best while its
-    :func:`marginal_cost` fits the room left under ``budget · Σ m n``; a layer that does not fit stops growing."""
+    if not (len(values) == len(shapes) == len(floors) == len(caps)):
+        raise ValueError("values, shapes, floors and caps must have one entry per layer")
+    squared_errors = []                             # squared_errors[l][r] = e_l(r)², r = 0 … len(values[l])
+    for t in values:
+        energy = t.double() ** 2
+        total = energy.sum()
+        tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
+        squared_errors.append((tail / total) ** 2 if total > 0 else torch.zeros_like(tail))
+    caps = [min(c, len(t)) for c, t in zip(caps, values)]
     room = budget * sum(m * n for m, n in shapes) - sum(stored_params(m, n, f) for (m, n), f in zip(shapes, floors))
     ranks = list(floors)
-    heap: list[tuple[float, int]] = []
+    heap: list[tuple[float, int, int]] = []
 
     def push(layer: int) -> None:
-        if ranks[layer] < caps[layer]:
-            heapq.heappush(heap, (-score(layer, ranks[layer]), layer))
+        """Queue the layer's best block ``r → j`` among those that fit (none if its next value does not)."""
+        (m, n), r = shapes[layer], ranks[layer]
+        j = torch.arange(r + 1, caps[layer] + 1, dtype=torch.float64)
+        cost = j * (m + n + j) - r * (m + n + r)
+        if not len(j) or cost[0] > room:
+            return
+        e2 = squared_errors[layer]
+        rate = torch.where(cost <= room, (e2[r] - e2[r + 1:caps[layer] + 1]) / cost, -math.inf)
+        best = int(rate.argmax())
+        heapq.heappush(heap, (-float(rate[best]), layer, r + 1 + best))
 
     for layer in range(len(ranks)):
         push(layer)
     while heap:
-        _, layer = heapq.heappop(heap)
-        cost = marginal_cost(*shapes[layer], ranks[layer])
-        if cost <= room:
-            room -= cost
-            ranks[layer] += 1
-            push(layer)
+        _, layer, j = heapq.heappop(heap)
+        (m, n), r = shapes[layer], ranks[layer]
+        if stored_params(m, n, j) - stored_params(m, n, r) <= room:
+            room -= stored_params(m, n, j) - stored_params(m, n, r)
+            ranks[layer] = j
+        push(layer)                                 # its next block, or a smaller one if this no longer fits
     return ranks
 
 
@@ -130,27 +128,31 @@ def spectrum(matrix: Tensor) -> Tensor:
     return torch.linalg.svdvals(matrix.detach().to(torch.float64 if matrix.dtype == torch.float64 else torch.float32))
 
 
-def transition_ranks(spectra: Sequence[Tensor], shapes: Sequence[tuple[int, int]], config: OIALRConfig) -> list[int]:
+def transition_ranks(spectra: Sequence[Tensor], shapes: Sequence[tuple[int, int]], config: OIALRConfig,
+                     values: Sequence[Tensor] | None = None) -> list[int]:
     """The transition's ranks under ``config.stored_budget``, from each weight's singular values (:func:`spectrum`)
     and shape ``(m, n)``: per weight the floor is ``min(min_rank, min(m, n))`` and the cap what
-    :func:`oialr.linalg.select_rank` keeps (``cutoff``, ``rank_fraction``); :func:`allocate_ranks` over the spectra."""
+    :func:`oialr.linalg.select_rank` keeps (``cutoff``, ``rank_fraction``); :func:`allocate_ranks` over ``values``
+    (the output scales of the same components; the spectra when None)."""
     caps = [linalg.select_rank(s, cutoff=config.cutoff, max_rank=math.ceil(config.rank_fraction * s.numel()),
                                min_rank=config.min_rank) for s in spectra]
     floors = [min(config.min_rank, s.numel()) for s in spectra]
-    return allocate_ranks(spectra, shapes, config.stored_budget, floors, caps)
+    return allocate_ranks(spectra if values is None else values, shapes, config.stored_budget, floors, caps)
 
 
-def update_ranks(spectra: Sequence[Tensor], shapes: Sequence[tuple[int, int]], config: OIALRConfig) -> list[int]:
+def update_ranks(spectra: Sequence[Tensor], shapes: Sequence[tuple[int, int]], config: OIALRConfig,
+                 values: Sequence[Tensor] | None = None) -> list[int]:
     """A basis update's ranks under ``config.stored_budget``, from each layer's singular values (the update's SVD
-    of ``Σ``, :func:`oialr.factorize.rotation`): per layer at rank ``r = len(s)`` the floor is
+    of ``Σ``, :func:`oialr.factorize.rotation`) and the output scales ``values`` of the same components (the
+    spectra when None): per layer at rank ``r = len(s)`` the floor is
     ``max(min_rank, r − floor(max_drop_fraction · r))`` (at most ``r``) and the cap what the cutoff keeps
     (:func:`oialr.factorize.cut_rank`).
 
     When the current ranks ``len(s)`` fit the budget, every layer gets its cap: the caps are at most the current
-    ranks, so raising every layer from its floor to its cap costs no more than the room :func:`greedy_ranks` starts
+    ranks, so raising every layer from its floor to its cap costs no more than the room the allocation starts
     with, and every increment fits. The ranks exceed the budget only after growth (``augment_bases``); without it
     they only fall after the transition's allocation, so the controller allocates at an update only with growth."""
     floors = [min(s.numel(), max(config.min_rank, s.numel() - math.floor(config.max_drop_fraction * s.numel())))
               for s in spectra]
     caps = [cut_rank(s, config) for s in spectra]
-    return allocate_ranks(spectra, shapes, config.stored_budget, floors, caps)
+    return allocate_ranks(spectra if values is None else values, shapes, config.stored_budget, floors, caps)

@@ -48,15 +48,17 @@ class OIALRConfig:
             ``0`` cuts only at the transition (the ranks stay fixed after it; basis updates only rotate).
         stored_budget: if set, a fraction in ``(0, 1]``: the factored layers together store at most this fraction of
             the dense parameters they replace (``U``, ``Σ``, ``V`` counted: ``r(m + n + r)`` per layer). The ranks are
-            allocated across layers (:func:`oialr.budget.allocate_ranks`) at the transition and at every basis
-            update (without ``augment_bases`` the ranks stay within the transition's allocation, and an update's
-            allocation is every layer's own cut); the budget caps what the rules above keep (``cutoff``,
-            ``rank_fraction``, ``min_rank``, and ``max_drop_fraction``, which can slow how fast it is reached):
-            ``cutoff=0`` lets the budget alone decide. A budget below every layer at ``min_rank`` is an error when
-            the controller is built. The allocation reads trained spectra: at ``warmup_steps=0`` on a randomly
-            initialised model it only sees the init's shape (on the byte-level Llama of docs/RESULTS.md it gave
-            attention 70 and the MLP 104 of 384 at a budget of 0.396, and ended 1.1% behind rank 96 for all, which
-            stores 0.432); there ``rank_fraction`` (with ``cutoff=0``) is the better start.
+            allocated across layers (:func:`oialr.budget.allocate_ranks`, from each weight's singular components
+            weighed by their share of the layer's output in the last training forward, :mod:`oialr.output_sample`)
+            at the transition and at every basis update (without ``augment_bases`` the ranks stay within the
+            transition's allocation, and an update's allocation is every layer's own cut); the budget caps what the
+            rules above keep (``cutoff``, ``rank_fraction``, ``min_rank``, and ``max_drop_fraction``, which can slow
+            how fast it is reached): ``cutoff=0`` lets the budget alone decide. A budget below every layer at
+            ``min_rank`` is an error when the controller is built. At ``warmup_steps=0`` no forward has run yet and
+            the allocation reads the random init's singular values alone (on the byte-level Llama of
+            docs/RESULTS.md the rule of 2026-12-02 gave attention 70 and the MLP 104 of 384 at a budget of 0.396,
+            and ended 1.1% behind rank 96 for all, which stores 0.432); there ``rank_fraction`` (with ``cutoff=0``)
+            is the better start.
 
     Beyond the paper
         augment_bases: at every basis update, after the cut, widen each layer's ``U``, ``V`` with up to ``r`` new

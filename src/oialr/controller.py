@@ -14,6 +14,7 @@ from .config import OIALRConfig, config_or_default
 from .convert import convert_layer
 from .factorize import placeholder_factors, transition_factors
 from .layers import LowRankLayer
+from .output_sample import OutputSampler
 from .stability import StabilityTracker
 from .targets import (LayerInfo, as_matrix, find_layers, format_table, layer_sizes, layer_weight, no_target_message,
                       trainable_params)
@@ -45,7 +46,8 @@ class OIALR:
        ``V ← V v``, ``Σ ← diag(s)`` (``U Σ Vᵀ`` unchanged), then drop the trailing values ``s_i < cutoff·s_1``.
 
     Beyond the paper (:class:`OIALRConfig`): ``stored_budget`` allocates the ranks across layers at 2 and 3
-    (:mod:`oialr.budget`); ``augment_bases`` widens ``U``, ``V`` after each cut with the gradient directions they
+    (:mod:`oialr.budget`), weighing each component by its share of the layer's output in the last training forward
+    (:mod:`oialr.output_sample`); ``augment_bases`` widens ``U``, ``V`` after each cut with the gradient directions they
     miss, recorded in the backward pass of the step before the update (:mod:`oialr.growth`); ``train_bases`` also
     trains ``U`` and ``V`` (their optimizer state carried like ``Σ``'s).
 
@@ -96,6 +98,9 @@ class OIALR:
                                 self.config.min_rank)
         self.dense_trainable_params = trainable_params(model)
         self._recorder = growth.GradientRecorder() if self.config.augment_bases else None
+        self._outputs = OutputSampler() if self.config.stored_budget is not None else None
+        if self._outputs is not None:                   # what the budget weighs each component by
+            self._outputs.attach(model, self.targets)
         self.cut_ranks: dict[str, int] = {}             # the ranks the last transition or cut kept (before growth)
         self.step_count = 0
         self.transition_step: int | None = None
@@ -171,8 +176,8 @@ class OIALR:
         if ranks is None:
             health.check_weights(self.model, self.targets, self.step_count, shards=self._sharded is not None)
         optim_state.warn_if_unknown(self.optimizer)
-        chosen = basis_updates.transition_ranks(self.model, self.targets, self.config, self._whole) \
-            if ranks is None else None
+        chosen = basis_updates.transition_ranks(self.model, self.targets, self.config, self._whole,
+                                                self._outputs and self._outputs.rows) if ranks is None else None
         for name in self.targets:
             with self._gathered(name):                  # sharded: this layer's full values, sharded again after
                 module, weight = layer_weight(self.model, name)
@@ -192,6 +197,8 @@ class OIALR:
                 del module, weight, matrix, factors, layer
         self._free_replaced()
         self._wrapper.invalidate()                      # new Parameters: the wrapper is rebuilt on next use
+        if self._outputs is not None:                   # the factored layers replaced the recorded ones
+            self._outputs.attach(self.model, self.targets)
         self.transition_step = self.step_count
         self.transition_reason = reason
         self.cut_ranks = {name: layer.rank for name, layer in self.lowrank_layers().items()}
@@ -217,7 +224,8 @@ class OIALR:
             return
         grads = self._recorder.stop() if self._recorder is not None else {}
         replaced, self.cut_ranks = basis_updates.update_all(layers, self.optimizer, self.config,
-                                                            grads if grow and self._recorder is not None else None)
+                                                            grads if grow and self._recorder is not None else None,
+                                                            self._outputs and self._outputs.rows)
         if replaced:
             self._wrapper.invalidate()
 

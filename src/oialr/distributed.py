@@ -124,6 +124,23 @@ def all_gather(values: Sequence[float]) -> list[list[float]]:
     return [g.tolist() for g in gathered]
 
 
+@torch.no_grad()
+def gather_rows(rows: Tensor | None, width: int) -> Tensor | None:
+    """Every process's ``rows (k_p×width)`` (float32; None: this process has none) stacked in process order on the
+    source; None on the other processes, and where no process has rows. Every process calls it."""
+    if not is_distributed():
+        return rows
+    counts = [int(c[0]) for c in all_gather([0 if rows is None else rows.shape[0]])]
+    if max(counts) == 0:
+        return None
+    padded = torch.zeros(max(counts), width, dtype=torch.float32, device=device())
+    if rows is not None:
+        padded[:rows.shape[0]] = rows
+    gathered = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:c] for g, c in zip(gathered, counts)]) if is_source() else None
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
