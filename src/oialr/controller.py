@@ -197,8 +197,11 @@ class OIALR:
                 del module, weight, matrix, factors, layer
         self._free_replaced()
         self._wrapper.invalidate()                      # new Parameters: the wrapper is rebuilt on next use
-        if self._outputs is not None:                   # the factored layers replaced the recorded ones
-            self._outputs.attach(self.model, self.targets)
+        if self._outputs is not None:                   # the factored layers replaced the recorded ones; only a
+            if self.config.augment_bases:               # budget that re-allocates (with growth) reads them again
+                self._outputs.attach(self.model, self.targets)
+            else:
+                self._outputs.detach()
         self.transition_step = self.step_count
         self.transition_reason = reason
         self.cut_ranks = {name: layer.rank for name, layer in self.lowrank_layers().items()}
