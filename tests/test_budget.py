@@ -134,7 +134,7 @@ def test_recording_leaves_copies_and_saving_alone():
     """Only the controller's model records into its sampler (a deep copy, e.g. an averaged model, records into its
     own copy), the model still pickles whole, and rows of another width fall back to the singular values."""
     model, x = _first_layer_model()
-    ctl = OIALR(model, torch.optim.SGD(model.parameters(), lr=0.0), OIALRConfig(warmup_steps=5, stored_budget=0.4))
+    ctl = OIALR(model, torch.optim.SGD(model.parameters(), lr=0.0), OIALRConfig(warmup_steps=1, stored_budget=0.4))
     model(x)
     rows = ctl._outputs.rows["0"]
     assert rows.shape == (64, 32) and sorted(ctl._outputs.rows) == ["0", "1"]
@@ -143,6 +143,49 @@ def test_recording_leaves_copies_and_saving_alone():
     torch.save(model, io.BytesIO())
     s = torch.ones(4)
     assert output_values(s, torch.eye(32)[:, :4], torch.ones(3, 31)) is s
+
+
+@pytest.mark.parametrize("augment", [False, True])
+def test_outputs_are_recorded_only_in_the_steps_that_allocate(augment):
+    """The layers carry the recording hooks only during the step whose end runs an allocation: the transition's
+    (step 3), and with augment_bases every update's (steps 5, 7); other steps run hook-free and keep no rows. A
+    resumed controller arms the same steps."""
+    model, x = _first_layer_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    config = OIALRConfig(warmup_steps=3, update_every=2, cutoff=0.0, stored_budget=0.6, augment_bases=augment)
+    ctl = OIALR(model, opt, config)
+    armed = []
+    for step in range(1, 8):
+        model(x).sum().backward()
+        hooks = [len(model[i]._forward_hooks) for i in (0, 1)]
+        armed.append(hooks == [1, 1] and sorted(ctl._outputs.rows) == ["0", "1"])
+        assert armed[-1] or (hooks == [0, 0] and not ctl._outputs.rows), (step, hooks)
+        opt.step()
+        opt.zero_grad()
+        ctl.step()
+        if step == 4:
+            state = ctl.state_dict()
+    assert [step for step, on in enumerate(armed, 1) if on] == ([3, 5, 7] if augment else [3])
+    fresh = _first_layer_model()[0]
+    resumed = OIALR(fresh, torch.optim.SGD(fresh.parameters(), lr=0.0), config)
+    resumed.load_state_dict(state)              # saved after step 4: step 5 ends in an update
+    assert [len(fresh[i]._forward_hooks) for i in (0, 1)] == ([1, 1] if augment else [0, 0])
+
+
+def test_an_automatic_transition_records_at_every_stability_sample():
+    """Under warmup_steps="auto" the transition can come at any stability sample (every 3 steps here; max_steps 6
+    makes it the second): those steps record, the others do not, and the transition reads the rows."""
+    model, x = _first_layer_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ctl = OIALR(model, opt, OIALRConfig(warmup_steps="auto", cutoff=0.0, stored_budget=0.4,
+                                        auto={"every": 3, "lag": 1, "min_steps": 0, "max_steps": 6}))
+    armed = []
+    for _ in range(6):
+        model(x).sum().backward()
+        armed.append(len(model[0]._forward_hooks))
+        ctl.step()
+    assert armed == [0, 0, 1, 0, 0, 1] and ctl.transition_step == 6
+    assert ctl.lowrank_layers()["0"].rank == 4          # the rows' weighing kept the first layer whole
 
 
 def test_allocation_respects_floors_and_caps():

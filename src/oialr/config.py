@@ -49,7 +49,8 @@ class OIALRConfig:
         stored_budget: if set, a fraction in ``(0, 1]``: the factored layers together store at most this fraction of
             the dense parameters they replace (``U``, ``Σ``, ``V`` counted: ``r(m + n + r)`` per layer). The ranks are
             allocated across layers (:func:`oialr.budget.allocate_ranks`, from each weight's singular components
-            weighed by their share of the layer's output in the last training forward, :mod:`oialr.output_sample`)
+            weighed by their share of the layer's output in the training forward of the step the allocation runs
+            in, :mod:`oialr.output_sample`)
             at the transition and at every basis update (without ``augment_bases`` the ranks stay within the
             transition's allocation, and an update's allocation is every layer's own cut); the budget caps what the
             rules above keep (``cutoff``, ``rank_fraction``, ``min_rank``, and ``max_drop_fraction``, which can slow

@@ -46,8 +46,8 @@ class OIALR:
        ``V ← V v``, ``Σ ← diag(s)`` (``U Σ Vᵀ`` unchanged), then drop the trailing values ``s_i < cutoff·s_1``.
 
     Beyond the paper (:class:`OIALRConfig`): ``stored_budget`` allocates the ranks across layers at 2 and 3
-    (:mod:`oialr.budget`), weighing each component by its share of the layer's output in the last training forward
-    (:mod:`oialr.output_sample`); ``augment_bases`` widens ``U``, ``V`` after each cut with the gradient directions they
+    (:mod:`oialr.budget`), weighing each component by its share of the layer's output in the training forward of the
+    step the allocation runs in (:mod:`oialr.output_sample`); ``augment_bases`` widens ``U``, ``V`` after each cut with the gradient directions they
     miss, recorded in the backward pass of the step before the update (:mod:`oialr.growth`); ``train_bases`` also
     trains ``U`` and ``V`` (their optimizer state carried like ``Σ``'s).
 
@@ -99,8 +99,6 @@ class OIALR:
         self.dense_trainable_params = trainable_params(model)
         self._recorder = growth.GradientRecorder() if self.config.augment_bases else None
         self._outputs = OutputSampler() if self.config.stored_budget is not None else None
-        if self._outputs is not None:                   # what the budget weighs each component by
-            self._outputs.attach(model, self.targets)
         self.cut_ranks: dict[str, int] = {}             # the ranks the last transition or cut kept (before growth)
         self.step_count = 0
         self.transition_step: int | None = None
@@ -108,7 +106,7 @@ class OIALR:
         self.warmup = WarmupEnd(model, self.config, self.targets, tracker, total_steps)
         if self.warmup.steps == 0:
             self.transition("warmup_steps=0: converted when the controller was built")
-            self._record_before_update()
+        self._arm_recording()
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -150,12 +148,28 @@ class OIALR:
         except health.DegenerateStateError:
             self.step_count -= 1
             raise
-        self._record_before_update()
+        self._arm_recording()
 
-    def _record_before_update(self) -> None:
-        """With ``augment_bases``: record the bases' gradients during the next step if it ends in an update."""
-        if self._recorder is not None and self.transition_step is not None and \
-                (self.step_count + 1 - self.transition_step) % self.config.update_every == 0:
+    def _arm_recording(self) -> None:
+        """Hook the next step only where the event it ends in reads what the hooks record: the output rows of the
+        layers (:class:`oialr.output_sample.OutputSampler`) for a ``stored_budget``'s allocation at the transition
+        (with ``warmup_steps="auto"``: at every stability sample, where it may fire) and, with ``augment_bases``, at
+        every update; the bases' gradients (:mod:`oialr.growth`) with ``augment_bases`` before every update. The
+        other steps run without hooks."""
+        following = self.step_count + 1
+        if self.transition_step is None:
+            update = False
+            allocates = following % self.config.auto.every == 0 if self.warmup.steps == "auto" \
+                else following >= self.warmup.steps
+        else:
+            update = (following - self.transition_step) % self.config.update_every == 0
+            allocates = update and self.config.augment_bases
+        if self._outputs is not None:
+            if allocates:
+                self._outputs.attach(self.model, self.targets)
+            else:
+                self._outputs.detach()
+        if self._recorder is not None and update:
             self._recorder.start(self.lowrank_layers())
 
     def lowrank_layers(self) -> dict[str, LowRankLayer]:
@@ -197,11 +211,8 @@ class OIALR:
                 del module, weight, matrix, factors, layer
         self._free_replaced()
         self._wrapper.invalidate()                      # new Parameters: the wrapper is rebuilt on next use
-        if self._outputs is not None:                   # the factored layers replaced the recorded ones; only a
-            if self.config.augment_bases:               # budget that re-allocates (with growth) reads them again
-                self._outputs.attach(self.model, self.targets)
-            else:
-                self._outputs.detach()
+        if self._outputs is not None:                   # its hooks were on the dense layers just replaced
+            self._outputs.detach()
         self.transition_step = self.step_count
         self.transition_reason = reason
         self.cut_ranks = {name: layer.rank for name, layer in self.lowrank_layers().items()}
@@ -326,7 +337,7 @@ class OIALR:
         self.transition_reason = state["transition_reason"]
         self.dense_trainable_params = state["dense_trainable_params"]
         self.cut_ranks = dict(state.get("cut_ranks", ranks))
-        self._record_before_update()
+        self._arm_recording()
 
 
 def _sharded_layers(model: nn.Module, targets: list[str], config: OIALRConfig, shard, wrap):

@@ -1,4 +1,4 @@
-"""A few rows of each converted layer's output from the last training forward, so that a size budget can weigh each
+"""A few rows of each converted layer's output from a training forward, so that a size budget can weigh each
 singular component of a weight by what it contributes to the layer's output, not by its singular value alone.
 
 For ``W = Σ_i s_i u_i v_iᵀ (m×n)`` and an input ``x``, the output without bias is ``y − b = W x``, so
@@ -8,8 +8,10 @@ component's output scale
     t_i = √(mean_rows (Y u_i)²) = s_i √(E[(v_iᵀ x)²])                  (:func:`output_values`)
 
 without the inputs (a convolution's unfolded patches would be large) and without knowing the SVD when the rows are
-recorded. A weight's small singular values can carry large outputs: the first layer of an image model sees raw
-pixels, whose strong directions need not be the weight's. Only layers holding one weight matrix (a registered
+recorded. The controller hooks the layers only for the forward of a step whose end allocates ranks (the
+transition; with ``augment_bases``, every basis update): the other steps run without hooks. A weight's small
+singular values can carry large outputs: the first layer of an image model sees raw pixels, whose strong directions
+need not be the weight's. Only layers holding one weight matrix (a registered
 layer type, dense or factored) are recorded; an ``nn.MultiheadAttention`` projection is not (its output is not a
 module's), and the budget then reads its singular values alone.
 """
