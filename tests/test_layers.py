@@ -116,6 +116,21 @@ def test_cost_model_picks_each_path_where_it_is_cheapest():
     assert base.forward_path(tokens=1, m=512, n=512, r=400) == "chain"        # rebuilding W dominates
 
 
+def test_trained_bases_take_the_merged_path_beyond_n_tokens():
+    """With U, V trained the chain also forms their gradients from its wider intermediate: the merged path is the
+    cheaper one from n tokens on, and a layer whose bases train picks it where frozen bases take the chain."""
+    assert base.forward_path(tokens=1024, m=512, n=512, r=64, bases_train=True) == "merged"
+    assert base.forward_path(tokens=256, m=512, n=512, r=64, bases_train=True) == "chain"      # tokens < n
+    from oialr import OIALRConfig
+    layer = convert_layer(nn.Sequential(nn.Linear(96, 96)), "0", rank=None,
+                          config=OIALRConfig(cutoff=0.0, rank_fraction=0.16))[1]
+    assert layer.rank == 16
+    assert layer.path(1024) == "chain"
+    layer.lowrank_U.requires_grad_(True)
+    layer.lowrank_V.requires_grad_(True)
+    assert layer.path(1024) == "merged"
+
+
 def test_set_factors_keeps_parameter_objects_when_shape_is_unchanged():
     model = nn.Sequential(nn.Linear(6, 5))
     layer = _factor(model, "0")

@@ -13,22 +13,26 @@ PATHS = ("chain", "merged", "dense")
 _forced_path: str | None = None         # set by force_path()
 
 
-def forward_path(tokens: int, m: int, n: int, r: int) -> str:
+def forward_path(tokens: int, m: int, n: int, r: int, bases_train: bool = False) -> str:
     """The cheapest way to apply ``W = U Σ Vᵀ`` (``m×n``, rank ``r``) to ``tokens`` rows, by multiply-adds of the
-    forward and backward passes together (backward: the input gradient and ``Σ``'s gradient; ``U``, ``V`` have none).
+    forward and backward passes together (backward: the input gradient and ``Σ``'s gradient, and with ``bases_train``
+    (``OIALRConfig(train_bases=True)``) ``U``'s and ``V``'s).
 
-    ``"chain"``   ``h = x V``, ``h ← h Σᵀ``, ``y = h Uᵀ``: tokens·r·(2m + 2n + 3r). Saves only ``h (tokens×r)``
-                  for the backward pass (``x`` is not kept), so activation memory falls with ``r`` too.
-    ``"merged"``  ``h = x (Σ Vᵀ)ᵀ``, ``y = h Uᵀ``: tokens·r·(2m + 3n) + 2·n·r². Cheaper than the chain for
-                  ``r > n / 3``; keeps ``x``.
-    ``"dense"``   rebuild ``W`` (:func:`rebuild`), ``y = x Wᵀ``: 3·tokens·m·n + 2·(m·r·n + min(m, n)·r²), the published
-                  code's way; cheapest when ``r·(m + n)`` approaches ``m·n``.
+    ``"chain"``   ``h = x V``, ``h ← h Σᵀ``, ``y = h Uᵀ``: tokens·r·(2m + 2n + 3r), bases trained + tokens·r·(m + n).
+                  With frozen bases it saves only ``h (tokens×r)`` for the backward pass (``x`` is not kept), so
+                  activation memory falls with ``r`` too; ``V``'s gradient needs ``x``.
+    ``"merged"``  ``h = x (Σ Vᵀ)ᵀ``, ``y = h Uᵀ``: tokens·r·(2m + 3n) + 2·n·r², bases trained + tokens·r·m + n·r².
+                  Cheaper than the chain for ``r > n / 3``, and with trained bases for ``tokens > n``; keeps ``x``.
+    ``"dense"``   rebuild ``W`` (:func:`rebuild`), ``y = x Wᵀ``: 3·tokens·m·n + 2·(m·r·n + min(m, n)·r²), bases
+                  trained + 2·m·n·r + (m + n)·r²; the published code's way; cheapest when ``r·(m + n)`` approaches
+                  ``m·n``.
     ``tokens`` is the number of rows the layer is applied to (batch × sequence, or batch × output positions).
     """
+    trained = int(bases_train)
     costs = {
-        "chain": tokens * r * (2 * m + 2 * n + 3 * r),
-        "merged": tokens * r * (2 * m + 3 * n) + 2 * n * r * r,
-        "dense": 3 * tokens * m * n + 2 * (m * r * n + min(m, n) * r * r),
+        "chain": tokens * r * (2 * m + 2 * n + 3 * r) + trained * tokens * r * (m + n),
+        "merged": tokens * r * (2 * m + 3 * n) + 2 * n * r * r + trained * (tokens * r * m + n * r * r),
+        "dense": 3 * tokens * m * n + 2 * (m * r * n + min(m, n) * r * r) + trained * (2 * m * n * r + (m + n) * r * r),
     }
     best = PATHS[0]
     for path in PATHS[1:]:          # min() by hand: torch.compile traces comparisons of symbolic ranks, not min(key=)
@@ -103,7 +107,7 @@ class LowRankLayer(nn.Module):
         if _forced_path is not None:
             return _forced_path
         m, n = self.matrix_shape
-        return forward_path(tokens, m if rows is None else rows, n, self.rank)
+        return forward_path(tokens, m if rows is None else rows, n, self.rank, self.lowrank_U.requires_grad)
 
     @torch.no_grad()
     def set_factors(self, U: Tensor, S: Tensor, V: Tensor) -> bool:
