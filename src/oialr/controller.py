@@ -47,9 +47,9 @@ class OIALR:
 
     Beyond the paper (:class:`OIALRConfig`): ``stored_budget`` allocates the ranks across layers at 2 and 3
     (:mod:`oialr.budget`), weighing each component by its share of the layer's output in the training forward of the
-    step the allocation runs in (:mod:`oialr.output_sample`); ``augment_bases`` widens ``U``, ``V`` after each cut with the gradient directions they
-    miss, recorded in the backward pass of the step before the update (:mod:`oialr.growth`); ``train_bases`` also
-    trains ``U`` and ``V`` (their optimizer state carried like ``Σ``'s).
+    step the allocation runs in (:mod:`oialr.output_sample`); ``augment_bases`` widens ``U``, ``V`` after each cut
+    with the gradient directions they miss, recorded in the backward pass of the step before the update
+    (:mod:`oialr.growth`); ``train_bases`` also trains ``U`` and ``V`` (their optimizer state carried like ``Σ``'s).
 
     The maths is in :mod:`oialr.factorize`, the optimizer state of ``Σ`` is carried as :mod:`oialr.optim_state`
     says. :meth:`state_dict` holds the step counter, the transition, the ranks and the automatic transition's

@@ -8,12 +8,12 @@ component's output scale
     t_i = √(mean_rows (Y u_i)²) = s_i √(E[(v_iᵀ x)²])                  (:func:`output_values`)
 
 without the inputs (a convolution's unfolded patches would be large) and without knowing the SVD when the rows are
-recorded. The controller hooks the layers only for the forward of a step whose end allocates ranks (the
-transition; with ``augment_bases``, every basis update): the other steps run without hooks. A weight's small
-singular values can carry large outputs: the first layer of an image model sees raw pixels, whose strong directions
-need not be the weight's. Only layers holding one weight matrix (a registered
-layer type, dense or factored) are recorded; an ``nn.MultiheadAttention`` projection is not (its output is not a
-module's), and the budget then reads its singular values alone.
+recorded. The controller hooks the layers only for the forward of a step whose end may allocate ranks (the
+transition, or under ``warmup_steps="auto"`` every stability sample; with ``augment_bases``, every basis update):
+the other steps run without hooks. A weight's small singular values can carry large outputs: the first layer of an
+image model sees raw pixels, whose strong directions need not be the weight's. Only layers holding one weight
+matrix (a registered layer type, dense or factored) are recorded; an ``nn.MultiheadAttention`` projection is not
+(its output is not a module's), and the budget then reads its singular values alone.
 """
 from __future__ import annotations
 
