@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from oialr import OIALR, OIALRConfig
-from oialr.factorize import Factors
-from oialr.growth import GradientRecorder, new_directions, widen
+from oialr.factorize import Factors, basis_update
+from oialr.growth import GradientRecorder, carry_gradients, new_directions, widen
 from oialr.layers import LowRankLinear
 from models import MODELS, batches
 
@@ -46,6 +46,32 @@ def test_widen_keeps_the_product_and_pads_sigma_with_zeros():
     U3, _, V3 = widen(Factors(U2, S2, V2), torch.randn(12, 6, dtype=torch.float64),
                       torch.randn(9, 6, dtype=torch.float64))
     assert U3.shape[1] == V3.shape[1] == 9                                         # capped at min(m, n)
+
+
+def test_widen_takes_the_strongest_directions_of_the_side_that_offers_more():
+    U, V = _orthonormal(12, 3, 4), _orthonormal(12, 3, 5)
+    S = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    d = _orthonormal(12, 6, 6)[:, 3:]
+    d = torch.linalg.qr(d - U @ (U.mT @ d))[0]                 # three directions U misses, the last the strongest
+    gU = d * torch.tensor([1.0, 0.5, 10.0], dtype=torch.float64)
+    gV = (V[:, :1] + _orthonormal(12, 4, 7)[:, 3:]).expand(12, 3).clone()      # V misses one direction only
+    U2, _, V2 = widen(Factors(U, S, V), gU, gV)
+    assert U2.shape[1] == V2.shape[1] == 4
+    assert abs(float(U2[:, 3] @ d[:, 2])) > 1 - 1e-9                # not the first column of the QR of gU
+
+
+def test_carried_gradients_are_those_of_the_cut_bases():
+    m, n, r, k = 10, 8, 5, 3
+    g = torch.Generator().manual_seed(8)
+    U = _orthonormal(m, r, 9) + 1e-2 * torch.randn(m, r, generator=g, dtype=torch.float64)    # drifted (trained)
+    V = _orthonormal(n, r, 10)
+    S, G = torch.randn(r, r, generator=g, dtype=torch.float64), torch.randn(m, n, generator=g, dtype=torch.float64)
+    update = basis_update(U, S, V, OIALRConfig(), rank=k)
+    assert not torch.allclose(update.R_U, torch.eye(r, dtype=torch.float64))
+    gU, gV = carry_gradients((G @ V @ S.mT, G.mT @ U @ S), update)                  # ∂L/∂U, ∂L/∂V before
+    assert gU.shape == (m, k) and gV.shape == (n, k)
+    assert torch.allclose(gU, G @ update.V @ update.S.mT, atol=1e-10)             # after, from the same G
+    assert torch.allclose(gV, G.mT @ update.U @ update.S, atol=1e-10)
 
 
 def test_recorder_gives_the_bases_gradients_of_the_dense_gradient():

@@ -24,9 +24,10 @@ def update_all(layers: dict[str, LowRankLayer], optimizer, config: OIALRConfig,
     recorded ``outputs`` rows of every process (:func:`oialr.output_sample.output_values`): without growth the
     ranks never exceed the transition's allocation, and the budget's allocation is then every layer's cut, so the
     layers are independent), computed by process 0 and broadcast, applied on every process (:func:`apply_factors`);
-    then, with ``grads`` (``augment_bases``: the recorded ``∂L/∂U``, ``∂L/∂V``), every layer widened
-    (:func:`oialr.growth.widen_all`). The caller has checked the factors (:func:`oialr.health.check_layers`).
-    Returns whether Parameter objects were replaced and the ranks the cut kept (before growth)."""
+    then, with ``grads`` (``augment_bases``: the recorded ``∂L/∂U``, ``∂L/∂V``, carried to the cut bases by
+    :func:`oialr.growth.carry_gradients`), every layer widened (:func:`oialr.growth.widen_all`). The caller has
+    checked the factors (:func:`oialr.health.check_layers`). Returns whether Parameter objects were replaced and
+    the ranks the cut kept (before growth)."""
     updates = None
     allocate = config.stored_budget is not None and config.augment_bases
     rows = {name: distributed.gather_rows((outputs or {}).get(name), layer.matrix_shape[0])
@@ -43,12 +44,14 @@ def update_all(layers: dict[str, LowRankLayer], optimizer, config: OIALRConfig,
     shapes = [(*layer.matrix_shape, layer.rank) for layer in layers.values()]
     like = next(iter(layers.values())).lowrank_S
     replaced = False
-    for layer, update in zip(layers.values(), distributed.broadcast_updates(updates, shapes, like,
-                                                                             config.train_bases)):
+    updates = distributed.broadcast_updates(updates, shapes, like, config.train_bases or grads is not None)
+    for layer, update in zip(layers.values(), updates):
         if update is not None:
             replaced |= apply_factors(layer, optimizer, update, config.train_bases)
     cut = {name: layer.rank for name, layer in layers.items()}
     if grads is not None:
+        grads = {name: growth.carry_gradients(grads[name], update) if update is not None else grads[name]
+                 for name, update in zip(layers, updates) if name in grads}
         for layer, wide in zip(layers.values(), growth.widen_all(layers, grads)):
             if wide.S.shape[0] != layer.rank:
                 replaced |= apply_factors(layer, optimizer, wide, config.train_bases, widened=True)

@@ -76,23 +76,25 @@ def allocate_ranks(values: Sequence[Tensor], shapes: Sequence[tuple[int, int]], 
         energy = t.double() ** 2
         total = energy.sum()
         tail = torch.cat([energy.flip(0).cumsum(0).flip(0), energy.new_zeros(1)])
-        squared_errors.append((tail / total) ** 2 if total > 0 else torch.zeros_like(tail))
+        squared_errors.append(((tail / total) ** 2 if total > 0 else torch.zeros_like(tail)).tolist())
     caps = [min(c, len(t)) for c, t in zip(caps, values)]
     room = budget * sum(m * n for m, n in shapes) - sum(stored_params(m, n, f) for (m, n), f in zip(shapes, floors))
     ranks = list(floors)
     heap: list[tuple[float, int, int]] = []
 
     def push(layer: int) -> None:
-        """Queue the layer's best block ``r → j`` among those that fit (none if its next value does not)."""
-        (m, n), r = shapes[layer], ranks[layer]
-        j = torch.arange(r + 1, caps[layer] + 1, dtype=torch.float64)
-        cost = j * (m + n + j) - r * (m + n + r)
-        if not len(j) or cost[0] > room:
-            return
-        e2 = squared_errors[layer]
-        rate = torch.where(cost <= room, (e2[r] - e2[r + 1:caps[layer] + 1]) / cost, -math.inf)
-        best = int(rate.argmax())
-        heapq.heappush(heap, (-float(rate[best]), layer, r + 1 + best))
+        """Queue the layer's best block ``r → j`` among those that fit (none if its next value does not); the
+        first ``j`` of the best rate (plain floats: a few hundred calls per allocation)."""
+        (m, n), r, e2 = shapes[layer], ranks[layer], squared_errors[layer]
+        best, best_j = -math.inf, None
+        for j in range(r + 1, caps[layer] + 1):
+            cost = stored_params(m, n, j) - stored_params(m, n, r)
+            if cost > room:                         # the cost grows with j
+                break
+            if (rate := (e2[r] - e2[j]) / cost) > best:
+                best, best_j = rate, j
+        if best_j is not None:
+            heapq.heappush(heap, (-best, layer, best_j))
 
     for layer in range(len(ranks)):
         push(layer)

@@ -4,11 +4,13 @@ For ``W = U Σ Vᵀ (m×n)``, ``U (m×k)``, ``V (n×k)`` orthonormal, and the lo
 gradients the factored forward gives the bases are ``∂L/∂U = G V Σᵀ (m×k)`` and ``∂L/∂V = Gᵀ U Σ (n×k)``: the
 spans of ``G V`` and ``Gᵀ U`` (for invertible ``Σ``), computed by the layer's own backward pass without the dense
 ``G`` (``dYᵀ (X V)`` and ``Xᵀ (dY U)`` on the chain path). :class:`GradientRecorder` sums them over one step's
-backward passes; :func:`widen` turns them into new directions::
+backward passes, for the bases before the basis update; :func:`carry_gradients` turns them into those of the cut
+bases (exactly, for the same ``G``); :func:`widen` turns these into new directions::
 
-    P_U = (I − U Uᵀ) ∂L/∂U,   P_V = (I − V Vᵀ) ∂L/∂V            (what the bases miss)
+    P_U = (I − U Uᵀ) ∂L/∂U,   P_V = (I − V Vᵀ) ∂L/∂V            (what the bases miss; m×k, n×k)
     Q_U (m×p), Q_V (n×p)    the leading left singular vectors of P_U, P_V (values above rtol · ‖∂L/∂·‖_F),
-                             from a thin QR ``P = Q R`` and the SVD of the small ``R = a diag(s) bᵀ``: ``Q a``
+                             from a thin QR ``P = Q R`` and the SVD of the small ``R = a diag(s) bᵀ``: ``Q a``,
+                             or ``Q`` itself when all ``k`` directions are kept (only ``s`` is needed then)
     U' = [U, Q_U],  V' = [V, Q_V],  Σ' = [[Σ, 0], [0, 0]]       ((k+p)×(k+p); U' Σ' V'ᵀ = U Σ Vᵀ)
 
 with ``p <= min(k, min(m, n) − k)`` (at most doubling the rank, as the rank-adaptive integrator of DLRT augments
@@ -24,7 +26,7 @@ import torch
 from torch import Tensor
 
 from . import distributed, linalg
-from .factorize import Factors
+from .factorize import BasisUpdate, Factors
 from .layers import LowRankLayer
 
 # directions of the projected gradient below this fraction of the gradient's norm count as absent
@@ -41,9 +43,10 @@ def new_directions(basis: Tensor, grad: Tensor, count: int, rtol: float = GRADIE
     P = g - B @ (B.mT @ g)
     P = P - B @ (B.mT @ P)                                       # twice is enough (Kahan–Parlett)
     Q, R = torch.linalg.qr(P)                                    # P = Q R, then R = a diag(s) bᵀ (q×q):
-    a, s, _ = linalg.svd(R)                                      # P's left singular vectors are Q a
-    p = min(count, int((s > rtol * scale).sum()))
-    return Q @ a[:, :p]
+    p = min(count, int((torch.linalg.svdvals(R) > rtol * scale).sum()))
+    if p == Q.shape[1]:                                          # every direction kept: Q spans them all
+        return Q
+    return Q @ linalg.svd(R)[0][:, :p]                           # P's left singular vectors are Q a
 
 
 def widen(factors: Factors, grad_U: Tensor, grad_V: Tensor, rtol: float = GRADIENT_RTOL) -> Factors:
@@ -57,19 +60,33 @@ def widen(factors: Factors, grad_U: Tensor, grad_V: Tensor, rtol: float = GRADIE
     p = min(Q_U.shape[1], Q_V.shape[1])
     if p == 0:
         return factors
+    if Q_U.shape[1] > p:                                         # the strongest p of the side that has more
+        Q_U = new_directions(U, grad_U, p, rtol)
+    if Q_V.shape[1] > p:
+        Q_V = new_directions(V, grad_V, p, rtol)
     S_wide = S.new_zeros(k + p, k + p)
     S_wide[:k, :k] = S
-    return Factors(torch.cat([U, Q_U[:, :p].to(U)], dim=1), S_wide, torch.cat([V, Q_V[:, :p].to(V)], dim=1))
+    return Factors(torch.cat([U, Q_U.to(U)], dim=1), S_wide, torch.cat([V, Q_V.to(V)], dim=1))
+
+
+def carry_gradients(grads: tuple[Tensor, Tensor], update: BasisUpdate) -> tuple[Tensor, Tensor]:
+    """``∂L/∂U (m×r)``, ``∂L/∂V (n×r)`` recorded for the bases before a basis update, for the bases ``U' (m×k)``,
+    ``V' (n×k)`` after it, with the same ``G``: ``∂L/∂U' = G V' Σ'ᵀ = ∂L/∂U · T_U`` and ``∂L/∂V' = ∂L/∂V · T_V``
+    (:meth:`oialr.factorize.BasisUpdate.basis_maps`, which needs ``R_U``, ``R_V``), float64."""
+    T_U, T_V = update.basis_maps()
+    return grads[0].double() @ T_U, grads[1].double() @ T_V
 
 
 def widen_all(layers: dict[str, LowRankLayer], grads: dict[str, tuple[Tensor, Tensor]]) -> list[Factors]:
-    """:func:`widen` for every layer, with its recorded ``∂L/∂U``, ``∂L/∂V`` (of the bases before the update's cut;
-    zeros where none was recorded: nothing is added), summed over the processes onto process 0, which computes the new
-    factors; every process gets process 0's (:func:`oialr.distributed.broadcast_factors`)."""
+    """:func:`widen` for every layer, with its recorded ``∂L/∂U``, ``∂L/∂V`` (of its current bases,
+    :func:`carry_gradients`; zeros where none was recorded: nothing is added), summed over the processes onto
+    process 0, which computes the new factors; every process gets process 0's
+    (:func:`oialr.distributed.broadcast_factors`)."""
     out = []
     for name, layer in layers.items():
         U, S, V = layer.lowrank_U.detach(), layer.lowrank_S.detach(), layer.lowrank_V.detach()
-        recorded = grads.get(name) or (torch.zeros_like(U), torch.zeros_like(V))
+        zeros = [torch.zeros(B.shape, dtype=torch.float64, device=B.device) for B in (U, V)]
+        recorded = [g.double() for g in grads[name]] if name in grads else zeros
         distributed.sum_to_source_(recorded)
         wide = widen(Factors(U, S, V), *recorded) if distributed.is_source() else None
         out.append(distributed.broadcast_factors(wide, layer.matrix_shape, like=S))
