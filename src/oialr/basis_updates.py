@@ -50,7 +50,7 @@ def update_all(layers: dict[str, LowRankLayer], optimizer, config: OIALRConfig,
             replaced |= apply_factors(layer, optimizer, update, config.train_bases)
     cut = {name: layer.rank for name, layer in layers.items()}
     if grads is not None:
-        grads = {name: growth.carry_gradients(grads[name], update) if update is not None else grads[name]
+        grads = {name: growth.carry_gradients(grads[name], update)
                  for name, update in zip(layers, updates) if name in grads}
         for layer, wide in zip(layers.values(), growth.widen_all(layers, grads)):
             if wide.S.shape[0] != layer.rank:

@@ -78,15 +78,15 @@ def carry_gradients(grads: tuple[Tensor, Tensor], update: BasisUpdate) -> tuple[
 
 
 def widen_all(layers: dict[str, LowRankLayer], grads: dict[str, tuple[Tensor, Tensor]]) -> list[Factors]:
-    """:func:`widen` for every layer, with its recorded ``∂L/∂U``, ``∂L/∂V`` (of its current bases,
+    """:func:`widen` for every layer, with its recorded ``∂L/∂U``, ``∂L/∂V`` (of its current bases, float64,
     :func:`carry_gradients`; zeros where none was recorded: nothing is added), summed over the processes onto
     process 0, which computes the new factors; every process gets process 0's
     (:func:`oialr.distributed.broadcast_factors`)."""
     out = []
     for name, layer in layers.items():
         U, S, V = layer.lowrank_U.detach(), layer.lowrank_S.detach(), layer.lowrank_V.detach()
-        zeros = [torch.zeros(B.shape, dtype=torch.float64, device=B.device) for B in (U, V)]
-        recorded = [g.double() for g in grads[name]] if name in grads else zeros
+        recorded = list(grads[name]) if name in grads else [
+            torch.zeros(B.shape, dtype=torch.float64, device=B.device) for B in (U, V)]
         distributed.sum_to_source_(recorded)
         wide = widen(Factors(U, S, V), *recorded) if distributed.is_source() else None
         out.append(distributed.broadcast_factors(wide, layer.matrix_shape, like=S))
