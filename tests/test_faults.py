@@ -315,6 +315,25 @@ def _end(proc, out) -> None:
             pass
 
 
+def test_a_stop_signal_as_a_failed_run_ends_does_not_cut_its_last_line(data_dir, tmp_path):
+    """When one process of a torchrun job dies, torchrun sends SIGTERM to the others at once: one whose training just
+    failed (here: diverged) must still print why it stops, not die of the signal on its way out."""
+    code = ("import os, signal, sys\n"
+            "from oialr.cli import run\n"
+            "from oialr.cli.failures import Diverged\n"
+            "from oialr.cli.main import main\n"
+            "def train(self):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    raise Diverged(float('nan'), 0.5, 7)\n"
+            "run.TrainingRun.train = train\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, *args(data_dir, tmp_path / "run")], env=ENV,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("oialr: error: training diverged: train loss nan"), proc.stderr
+
+
 def test_a_killed_ddp_worker_ends_the_job_and_keeps_the_checkpoint(data_dir, tmp_path):
     out = tmp_path / "ddp_kill"
     proc = _torchrun(data_dir, out, ("KILL", "20", "1"))

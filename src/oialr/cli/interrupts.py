@@ -30,6 +30,15 @@ def stop_signals_to(handler):
             signal.signal(s, old)
 
 
+@contextmanager
+def stop_signals_held():
+    """Drop :data:`STOP_SIGNALS` inside the block (the run's own handlers nest inside it). Around a run's end: when
+    one process of a torchrun job dies, torchrun sends SIGTERM to the others at once, and the default action would
+    kill them before they say why they stop; the process ends right after the block anyway."""
+    with stop_signals_to(lambda signum, frame: None):
+        yield
+
+
 def exit_code(err: Interrupted) -> int:
     """The shell's code for a process ended by the signal: ``128 + signum`` (1 on Windows)."""
     return 128 + err.signum if sys.platform != "win32" else 1

@@ -73,7 +73,7 @@ def _train(args: argparse.Namespace) -> int:
     from ..distributed import process_group_from_env, process_rank, world_size
     from ..health import DegenerateStateError
     from .failures import Diverged, describe
-    from .interrupts import Interrupted, exit_code
+    from .interrupts import Interrupted, exit_code, stop_signals_held
     from .reporting import done_message
     from .start import start_or_resume
 
@@ -88,19 +88,20 @@ def _train(args: argparse.Namespace) -> int:
     with process_group_from_env(timeout):   # under torchrun: one process of the group; else nothing to do
         run = start_or_resume(cfg, args.out, args.resume,
                               given=given_settings(file_values, args.overrides, **flags) if cfg else None)
-        try:
-            results = run.train()
-        except Interrupted as err:
-            run.log(f"oialr: {err}", file=sys.stderr)
-            return exit_code(err)
-        except Exception as err:
-            line = describe(err, args.out, rank=process_rank(), world_size=world_size(), timeout=timeout)
-            if line is None:
-                raise
-            if process_rank() == 0 or not isinstance(err, (DegenerateStateError, Diverged)):   # same on all
-                print(f"{_prog()}: error: {line}", file=sys.stderr)
-            return 1
-    run.log(f"done: {done_message(results)}; results in {args.out}/results.json")
+        with stop_signals_held():           # until the run's last line is out (the run stops on them inside)
+            try:
+                results = run.train()
+            except Interrupted as err:
+                run.log(f"oialr: {err}", file=sys.stderr)
+                return exit_code(err)
+            except Exception as err:
+                line = describe(err, args.out, rank=process_rank(), world_size=world_size(), timeout=timeout)
+                if line is None:
+                    raise
+                if process_rank() == 0 or not isinstance(err, (DegenerateStateError, Diverged)):   # same on all
+                    print(f"{_prog()}: error: {line}", file=sys.stderr)
+                return 1
+            run.log(f"done: {done_message(results)}; results in {args.out}/results.json")
     return 0
 
 
